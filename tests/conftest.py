@@ -1,0 +1,70 @@
+"""Test configuration shared by all tests.
+
+* 8 simulated CPU devices (for the sharding tests); must be set before jax is imported.
+* fp32 matmuls at "highest" precision for parity.
+* ``oracle`` fixture: the official PyTorch code in its own venv (see tests/oracle_client.py).
+  Tests that use it skip with the reason when the oracle venv is absent, unless
+  ``COSYVOICE2_REQUIRE_ORACLE=1`` (set by .ci/run), where a missing oracle is an error.
+* ``real_wavs``: real speech for front-end tests (``../shared/audio`` of the team checkout, and
+  the two wavs the s3tokenizer package ships, found through the oracle).
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+sys.path.insert(0, str(TESTS))
+
+from oracle_client import Oracle, OracleUnavailable  # noqa: E402
+
+REQUIRE_ORACLE = os.environ.get("COSYVOICE2_REQUIRE_ORACLE") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "oracle" in item.fixturenames:
+            item.add_marker(pytest.mark.oracle)
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    try:
+        o = Oracle()
+    except OracleUnavailable as e:
+        if REQUIRE_ORACLE:
+            pytest.fail(f"COSYVOICE2_REQUIRE_ORACLE=1 but {e}")
+        pytest.skip(str(e))
+    yield o
+    o.close()
+
+
+SHARED_AUDIO = REPO.parent / "shared" / "audio"
+
+
+@pytest.fixture(scope="session")
+def shared_wavs() -> list[Path]:
+    wavs = sorted(SHARED_AUDIO.glob("*.wav")) if SHARED_AUDIO.is_dir() else []
+    if not wavs:
+        if REQUIRE_ORACLE:
+            pytest.fail(f"no real speech found in {SHARED_AUDIO}")
+        pytest.skip(f"real speech not found in {SHARED_AUDIO} (team data checkout)")
+    return wavs
+
+
+@pytest.fixture(scope="session")
+def real_wavs(shared_wavs, oracle) -> list[Path]:
+    """shared/audio wavs plus the two s3tokenizer package wavs."""
+    out = oracle("frontend:s3tokenizer_assets")
+    extra = [Path(str(p)) for p in out["paths"].tolist()]
+    return list(shared_wavs) + extra
