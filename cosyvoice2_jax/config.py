@@ -378,7 +378,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"config key '{key}' must have {len(args)} items, got {len(value)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -477,7 +477,7 @@ def load_yaml(cls: type, path: str | Path, overrides: Sequence[str] = ()) -> Any
 
 
 def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
