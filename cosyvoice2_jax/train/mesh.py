@@ -1,0 +1,176 @@
+"""Device mesh and sharding rules for training (and batched inference).
+
+Mesh axes are ``('data', 'fsdp', 'tensor')``:
+
+* ``data``: pure data parallelism (batch split, params replicated);
+* ``fsdp``: batch split *and* parameters/optimizer state sharded along their largest
+  "embed"-like dimension (ZeRO-3 style), gathered by XLA where used;
+* ``tensor``: Megatron-style model parallelism of MLP/attention/vocab dimensions.
+
+Modules annotate kernels with logical axis names (``nn.with_logical_partitioning``); the single
+table :data:`LOGICAL_RULES` maps logical names to mesh axes. Unannotated parameters (most of the
+flow/HiFT convs) are replicated over ``tensor`` and sharded over ``fsdp`` on their largest
+divisible dimension by :func:`param_shardings`.
+
+Multi-host: call :func:`initialize_distributed` first on every host (it wraps
+``jax.distributed.initialize``; on TPU pods and SLURM/Open MPI GPU clusters the arguments are
+discovered automatically), then build the same mesh everywhere::
+
+    # GPU cluster, one process per host (SLURM sets the coordinator environment):
+    srun --nodes=4 --ntasks-per-node=1 cosyvoice2-jax train --config configs/train/lm.yaml \\
+        --set mesh.data=4 --set mesh.fsdp=8
+    # TPU pod slice (v5e-64): run the same command on every worker
+    gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cosyvoice2-jax train ..."
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+
+# logical axis name -> mesh axes (None = replicated). One table for every model.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),  # model width: sharded for FSDP
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", None),  # 2 kv heads: too few to split
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("length", None),
+    ("layers", None),
+    ("conv_in", None),
+    ("conv_out", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: all devices not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+def initialize_distributed(**kwargs) -> None:
+    """Multi-host setup (``jax.distributed.initialize``); a no-op in a single-process run.
+
+    With no kwargs it initialises only when the environment shows a multi-process launch
+    (SLURM, Open MPI, TPU pod workers, or JAX_COORDINATOR_ADDRESS), where jax auto-detects the
+    coordinator; pass ``coordinator_address=, num_processes=, process_id=`` otherwise.
+    """
+    if kwargs or _looks_multihost():
+        jax.distributed.initialize(**kwargs)
+
+
+def _looks_multihost() -> bool:
+    import os
+
+    if "JAX_COORDINATOR_ADDRESS" in os.environ or "TPU_WORKER_HOSTNAMES" in os.environ:
+        return True
+    for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+        if int(os.environ.get(k, "1") or "1") > 1:
+            return True
+    return False
+
+
+def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> Mesh:
+    """Build a ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types (see JAX_STACK pitfall 1)."""
+    if not isinstance(cfg, MeshConfig):
+        cfg = MeshConfig(*cfg)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if sizes.count(-1) > 1:
+        raise ValueError("only one mesh axis may be -1")
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"{n} devices cannot be split into fsdp={cfg.fsdp} x tensor={cfg.tensor}")
+        sizes[sizes.index(-1)] = n // known
+    if -1 not in (cfg.data, cfg.fsdp, cfg.tensor) and math.prod(sizes) < n:
+        devices, n = devices[: math.prod(sizes)], math.prod(sizes)  # an explicit smaller mesh
+    if math.prod(sizes) != n:
+        raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, have {n}")
+    arr = np.asarray(devices).reshape(sizes)
+    return Mesh(arr, AXES)
+
+
+def logical_to_spec(logical: Sequence[str | None], rules=LOGICAL_RULES) -> P:
+    table = dict(rules)
+    out, used = [], set()
+    for name in logical:
+        ax = table.get(name) if name is not None else None
+        axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        out.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*out)
+
+
+def _fsdp_spec(shape: Sequence[int], mesh: Mesh) -> P:
+    """Shard the largest dimension divisible by the fsdp size; replicate the rest."""
+    f = mesh.shape["fsdp"]
+    if f == 1 or not shape:
+        return P()
+    dims = sorted(range(len(shape)), key=lambda i: -shape[i])
+    for d in dims:
+        if shape[d] % f == 0 and shape[d] >= f:
+            spec = [None] * len(shape)
+            spec[d] = "fsdp"
+            return P(*spec)
+    return P()
+
+
+def param_shardings(params: Any, mesh: Mesh, logical_specs: Any = None, rules=LOGICAL_RULES) -> Any:
+    """NamedSharding for every leaf of ``params``.
+
+    ``logical_specs``: a matching tree of logical-axis tuples (``nn.get_partition_spec`` of boxed
+    params) or None; leaves without a logical spec get the FSDP default.
+    """
+    def one(x, logical=None):
+        shape = getattr(x, "shape", ())
+        if logical is not None and len(tuple(logical)) == len(shape):
+            spec = logical_to_spec(tuple(logical), rules)
+            # drop axes that do not divide the dimension
+            fixed = []
+            for dim, ax in zip(shape, spec):
+                axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
+                size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+                fixed.append(ax if axes and dim % size == 0 else None)
+            return NamedSharding(mesh, P(*fixed))
+        return NamedSharding(mesh, _fsdp_spec(shape, mesh))
+
+    if logical_specs is None:
+        return jax.tree.map(one, params)
+    return jax.tree.map(one, params, logical_specs, is_leaf=lambda v: isinstance(v, (tuple, P)) or v is None)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Batch arrays: leading dim split over data x fsdp."""
+    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place a host batch (dict of numpy arrays, leading dim = batch) on the mesh."""
+    n = mesh.shape["data"] * mesh.shape["fsdp"]
+
+    def put(x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, replicated(mesh))
+        if x.shape[0] % n:
+            raise ValueError(f"batch dimension {x.shape[0]} is not divisible by data x fsdp = {n}; "
+                             "choose a batch size that is a multiple of it")
+        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+
+    return jax.tree.map(put, batch)

@@ -1,0 +1,167 @@
+"""Trainer mechanics: sharded step == single-device step, cross-mesh restore, exact resume
+after SIGKILL, schedules. Uses the 8 simulated CPU devices from conftest."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cosyvoice2_jax.train import data as D
+from cosyvoice2_jax.train import mesh as M
+from cosyvoice2_jax.train import trainer as TR
+from cosyvoice2_jax.train.checkpoint import Checkpointer
+from cosyvoice2_jax.train.optim import OptimConfig, make_optimizer, schedule
+from test_train_data import cfg_for, make_shards
+from train_toy import ToyObjective
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def toy_shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("toyshards"), n_rows=24, n_shards=2, seed=11)
+
+
+def _tok(t):
+    return list(t.encode())[:60]
+
+
+def _one_step(mesh, batch, seed=0):
+    obj = ToyObjective()
+    tx = make_optimizer(OptimConfig(lr=1e-2))
+    state, sh = TR.init_state(obj, tx, mesh, seed)
+    step = TR.make_train_step(obj, tx, sh, mesh, seed)
+    state, metrics = step(state, batch)
+    return jax.device_get(state), jax.device_get(metrics), state
+
+
+def test_mesh_step_equals_single_device(toy_shards):
+    assert len(jax.devices()) == 8
+    lst, _ = toy_shards
+    batch = next(D.TrainData(cfg_for(lst, batch_multiple=4, max_frames_in_batch=1200), _tok))
+    s1, m1, _ = _one_step(M.make_mesh((1, 1, 1), devices=jax.devices()[:1]), batch)
+    mesh = M.make_mesh((2, 2, 2))
+    s8, m8, live = _one_step(mesh, batch)
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # params really are sharded as the rules say
+    emb = live["params"]["embedding"]  # ("vocab", "embed"): 6561 rows do not split in 2 -> replicated
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    k = live["params"]["Dense_0"]["kernel"]
+    assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    obj = ToyObjective()
+    tx = make_optimizer(OptimConfig())
+    m8 = M.make_mesh((8, 1, 1))
+    state, _ = TR.init_state(obj, tx, m8, seed=3)
+    with Checkpointer(tmp_path / "ck", async_save=False) as ck:
+        ck.save(7, state, data_state={"epoch": 2, "grain": {"next_index": 5}}, meta={"x": 1})
+    m222 = M.make_mesh((2, 2, 2))
+    target, sh222 = TR.init_state(obj, tx, m222, seed=99)  # different values, new mesh
+    with Checkpointer(tmp_path / "ck", async_save=False) as ck:
+        restored, dstate, meta = ck.restore(None, target, sh222)
+    assert dstate == {"epoch": 2, "grain": {"next_index": 5}} and meta == {"x": 1}
+    for a, b, s in zip(jax.tree.leaves(state), jax.tree.leaves(restored), jax.tree.leaves(sh222)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert b.sharding == s
+
+
+def test_loss_decreases(toy_shards, tmp_path):
+    lst, _ = toy_shards
+    data = D.TrainData(cfg_for(lst), _tok)
+    cfg = TR.TrainConfig(steps=30, save_every=1000, log_every=1, workdir=str(tmp_path / "run"),
+                         optim=OptimConfig(lr=3e-2), mesh=M.MeshConfig(1, 1, 1), async_save=False)
+    out = TR.train(ToyObjective(), data, cfg, progress=False)  # explicit (1,1,1): first device only
+    losses = [h["loss"] for h in out["history"]]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert (tmp_path / "run" / "tb").is_dir() and any((tmp_path / "run" / "tb").iterdir())
+
+
+def _read_losses(workdir):
+    rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    out = {}
+    for r in rows:  # later rows (after a resume) overwrite earlier ones for the same step
+        out[r["step"]] = r["loss"]
+    return out
+
+
+def test_sigkill_resume_is_exact(toy_shards, tmp_path):
+    lst, _ = toy_shards
+    # one batch shape -> one compilation per process keeps the three runs short
+    data_cfg = dict(data_list=str(lst), max_frames_in_batch=600, token_buckets=[150],
+                    text_buckets=[64], sort_window=8, num_threads=1, min_length=50)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    steps, every = 10, 3
+
+    def run(workdir):
+        args = json.dumps({"data": data_cfg, "workdir": str(workdir), "steps": steps, "save_every": every})
+        return subprocess.Popen([sys.executable, str(TESTS / "train_toy.py"), args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    ref_dir, kill_dir = tmp_path / "ref", tmp_path / "killed"
+    p = run(ref_dir)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    ref = _read_losses(ref_dir)
+    assert sorted(ref) == list(range(1, steps + 1))
+
+    p = run(kill_dir)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill once it is past the second checkpoint
+        m = kill_dir / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 2 * every + 2:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done_before = len((kill_dir / "metrics.jsonl").read_text().splitlines())
+    assert done_before < steps, "the run finished before it could be killed"
+    p = run(kill_dir)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-2000:]
+    resumed = _read_losses(kill_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    for s in range(1, steps + 1):
+        assert resumed[s] == ref[s], (s, resumed[s], ref[s])
+
+
+def test_schedules_hand_derived():
+    w = OptimConfig(lr=1e-3, scheduler="warmuplr", warmup_steps=100)
+    f = schedule(w)
+    # official WarmupLR: lr * w^0.5 * min(s^-0.5, s * w^-1.5), s = count + 1
+    for count in (0, 49, 99, 399):
+        s = count + 1
+        want = 1e-3 * 100 ** 0.5 * min(s ** -0.5, s * 100 ** -1.5)
+        np.testing.assert_allclose(float(f(count)), want, rtol=1e-6)
+    assert float(schedule(OptimConfig(lr=2e-5))(1234)) == pytest.approx(2e-5)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        schedule(OptimConfig(scheduler="cosine_restarts"))
+
+
+def test_grad_accumulation_and_clip():
+    tx = make_optimizer(OptimConfig(lr=0.1, accum_grad=2, grad_clip=1.0))
+    p = {"w": jnp.ones(3)}
+    st = tx.init(p)
+    g1, g2 = {"w": jnp.array([10.0, 0, 0])}, {"w": jnp.array([0, 10.0, 0])}
+    u1, st = tx.update(g1, st, p)
+    assert not np.any(np.asarray(u1["w"]))  # no update on the first micro-step
+    u2, st = tx.update(g2, st, p)
+    # mean grad (5, 5, 0), clipped to norm 1 -> Adam's first step moves by lr * sign = 0.1
+    np.testing.assert_allclose(np.asarray(u2["w"]), [-0.1, -0.1, 0.0], atol=1e-6)
+
+
+def test_mesh_errors():
+    with pytest.raises(ValueError, match="needs"):
+        M.make_mesh((3, 3, 1))
+    with pytest.raises(ValueError, match="divisible"):
+        M.shard_batch({"x": np.zeros((3, 2))}, M.make_mesh((2, 2, 2)))
