@@ -52,6 +52,15 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
 
 
+def with_trainable_mask(objective, tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """Apply ``tx`` only where ``objective.trainable(params)`` is True (e.g. DPO's frozen
+    reference gets zero updates and no optimizer state)."""
+    if not hasattr(objective, "trainable"):
+        return tx
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda p: jax.tree.map(lambda t: "train" if t else "frozen", objective.trainable(p)))
+
+
 def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int):
     """Initialise ``{"params", "opt_state", "step"}`` directly sharded on ``mesh``."""
     key = jax.random.key(seed)
@@ -76,24 +85,29 @@ def _logical_tree(specs):
                         is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec) or s is None)
 
 
+def _key_path(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def state_shardings(abstract_state: Any, param_shardings: Any, mesh: M.Mesh) -> Any:
-    """Optimizer moments (any opt-state subtree shaped like the params) follow their parameter's
-    sharding; everything else (counts, scalars) is replicated."""
+    """Optimizer-state leaves follow the sharding of the parameter they belong to (matched by the
+    parameter's key path, which optax states such as Adam's mu/nu repeat, and by shape);
+    counts and other scalars are replicated."""
     rep = M.replicated(mesh)
-    ptree = jax.tree.structure(abstract_state["params"])
+    by_path = {}
+    for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(abstract_state["params"])[0],
+                            jax.tree.leaves(param_shardings)):
+        by_path[_key_path(path)] = (tuple(x.shape), s)
 
-    def is_param_like(x):
-        try:
-            return jax.tree.structure(x) == ptree
-        except Exception:
-            return False
+    def one(path, x):
+        kp = _key_path(path)
+        for i in range(len(kp)):
+            hit = by_path.get(kp[i:])
+            if hit is not None and hit[0] == tuple(x.shape):
+                return hit[1]
+        return rep
 
-    def one(x):
-        if is_param_like(x):
-            return param_shardings
-        return jax.tree.map(lambda _: rep, x)
-
-    opt = jax.tree.map(one, abstract_state["opt_state"], is_leaf=is_param_like)
+    opt = jax.tree_util.tree_map_with_path(one, abstract_state["opt_state"])
     return {"params": param_shardings, "opt_state": opt, "step": rep}
 
 
@@ -166,7 +180,7 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = M.make_mesh(cfg.mesh)
-    tx = make_optimizer(cfg.optim)
+    tx = with_trainable_mask(objective, make_optimizer(cfg.optim))
     state, shardings = init_state(objective, tx, mesh, cfg.seed)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_save)
     if ckpt.latest_step() is not None:
