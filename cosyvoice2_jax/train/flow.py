@@ -1,0 +1,45 @@
+"""Flow-matching training objective (paper section 2.4; official
+``CausalMaskedDiffWithXvec.forward`` + ``CausalConditionalCFM.compute_loss``).
+
+Each step draws, from the step key: the flow time ``t``, the noise ``z``, the CFG drop (20% of
+rows lose mu, speaker and cond), the prompt prefix used as cond (<= 30% of the target for half the
+rows) and the attention mask: the official static-chunk-or-full coin per batch, or the paper's
+four mask types per example (``FlowConfig.cfm.train_masks = paper``). Padding rows of a
+fixed-shape batch have no valid frames and add nothing to the loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ..config import FlowConfig
+from ..flow import cfm as cfm_lib
+from ..flow import modeling as F
+
+
+@dataclasses.dataclass
+class FlowObjective:
+    cfg: FlowConfig
+    name: str = "flow"
+
+    def init_params(self, rng):
+        return F.init_params(self.cfg, rng)
+
+    def loss_fn(self, params, batch, rng):
+        cfg = self.cfg
+        kd, km = jax.random.split(rng)
+        feat = batch["speech_feat"]
+        B, Fr, C = feat.shape
+        feat_len = jnp.where(batch["valid"], batch["speech_feat_len"], 0)
+        tok_len = jnp.where(batch["valid"], batch["speech_token_len"], 0)
+        draws = cfm_lib.sample_loss_draws(kd, B, Fr, feat_len, cfg.cfm, C)
+        chunk = F.loss_masks(cfg, km, B)
+        # recorded draws (e.g. the official module's) replace the sampled ones when given
+        draws = {k: batch.get(f"draw_{k}", v) for k, v in draws.items()}
+        chunk = batch.get("draw_chunk", chunk)
+        loss = F.training_loss(params, cfg, batch["speech_token"], tok_len, feat, feat_len, batch["embedding"],
+                               draws, chunk)
+        return loss, {"frames": jnp.sum(feat_len).astype(jnp.float32),
+                      "chunked_frac": jnp.mean((chunk > 0).astype(jnp.float32))}
