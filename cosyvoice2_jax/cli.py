@@ -4,6 +4,7 @@ Subcommands (more arrive with their components):
   config     print the resolved model config (preset or YAML, plus ``--set`` overrides)
   features   compute the front-end features of a wav (flow mel, whisper mel, CAM++ fbank)
   normalize  normalise and split text the way synthesis does
+  train      train the LM / flow / DPO objective (configs/train/*.yaml)
 
 User errors (bad file, bad option, bad config key) print one line ``error: ...`` and exit 2.
 """
@@ -85,6 +86,16 @@ def cmd_normalize(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .train.run import run
+
+    out = run(args.config, args.overrides, progress=not args.no_progress)
+    hist = out["history"]
+    if hist:
+        print(f"step {hist[-1]['step']}: loss {hist[-1]['loss']:.4f} ({out['steps_per_s']:.2f} steps/s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyvoice2-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the release's CosyVoice-BlankEN folder (vocab.json + merges.txt)")
     p.add_argument("--no-wetext", action="store_true", help="rules only, even if wetext is installed")
     p.set_defaults(func=cmd_normalize)
+
+    p = sub.add_parser("train", help="train the LM, flow or DPO objective from a training YAML",
+                       description="Train from a YAML in configs/train/ (its header shows the launch command). "
+                                   "Re-running the same command resumes from the latest checkpoint.")
+    p.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/lm.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a value, e.g. --set train.steps=100 --set data.data_list=... (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

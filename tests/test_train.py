@@ -78,17 +78,6 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
         assert b.sharding == s
 
 
-def test_loss_decreases(toy_shards, tmp_path):
-    lst, _ = toy_shards
-    data = D.TrainData(cfg_for(lst), _tok)
-    cfg = TR.TrainConfig(steps=30, save_every=1000, log_every=1, workdir=str(tmp_path / "run"),
-                         optim=OptimConfig(lr=3e-2), mesh=M.MeshConfig(1, 1, 1), async_save=False)
-    out = TR.train(ToyObjective(), data, cfg, progress=False)  # explicit (1,1,1): first device only
-    losses = [h["loss"] for h in out["history"]]
-    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
-    assert (tmp_path / "run" / "tb").is_dir() and any((tmp_path / "run" / "tb").iterdir())
-
-
 def _read_losses(workdir):
     rows = [json.loads(l) for l in (Path(workdir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
     out = {}

@@ -1,0 +1,115 @@
+"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo>.yaml [--set key=value ...]``.
+
+A training YAML maps onto :class:`TrainFile`: which objective, the model config (preset name or
+model YAML), the tokenizer directory, optional initial weights (a release directory or an
+``llm.pt``/``flow.pt``), the data pipeline (:class:`DataConfig`) and the loop
+(:class:`TrainConfig`: steps, mesh, optimizer, checkpointing). Re-running the same command
+resumes from the latest checkpoint in ``train.workdir`` with the exact data position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
+from ..errors import ConfigError
+from . import data as D
+from . import trainer as TR
+
+OBJECTIVES = ("lm", "flow", "dpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFile:
+    objective: str = "lm"
+    model: str = "cosyvoice2"  # preset name or a model YAML path
+    tokenizer_dir: str = ""
+    init_from: str = ""  # release directory, llm.pt or flow.pt ('' = random init)
+    data: D.DataConfig = D.DataConfig()
+    eval_data_list: str = ""
+    train: TR.TrainConfig = TR.TrainConfig()
+
+
+def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
+    tf = load_yaml(TrainFile, path, overrides)
+    if tf.objective not in OBJECTIVES:
+        raise ConfigError(f"objective {tf.objective!r} is not one of {', '.join(OBJECTIVES)} "
+                          "(HiFT GAN training is planned)")
+    return tf
+
+
+def model_config(tf: TrainFile) -> ModelConfig:
+    if tf.model in PRESETS:
+        return PRESETS[tf.model]()
+    p = Path(tf.model)
+    if not p.is_file():
+        raise ConfigError(f"model {tf.model!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file")
+    return ModelConfig.from_yaml(p)
+
+
+def _init_params(tf: TrainFile, cfg: ModelConfig):
+    if not tf.init_from:
+        return None
+    p = Path(tf.init_from)
+    name = "flow.pt" if tf.objective == "flow" else "llm.pt"
+    if p.is_dir():
+        p = p / name
+    if not p.is_file():
+        raise ConfigError(f"init_from: {p} does not exist (give a release directory or the {name} file)")
+    if tf.objective == "flow":
+        from ..flow import params as fp
+
+        return fp.load(p, cfg.flow)
+    from ..llm import params as lp
+
+    return lp.load_params(str(p), cfg.lm)
+
+
+def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
+    if tf.objective == "lm":
+        from .lm import LMObjective
+
+        obj = LMObjective(cfg.lm)
+    elif tf.objective == "dpo":
+        from .lm import DPOObjective
+
+        return DPOObjective(cfg.lm, init_from=init)
+    else:
+        from .flow import FlowObjective
+
+        obj = FlowObjective(cfg.flow)
+    if init is not None:
+        obj.init_params = lambda rng, _p=init: _p  # start from the given weights
+    return obj
+
+
+def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
+    tf = load_train_file(config, overrides)
+    cfg = model_config(tf)
+    if tf.tokenizer_dir:
+        from ..frontend.text import QwenTextTokenizer
+
+        tokenize = QwenTextTokenizer.from_dir(tf.tokenizer_dir).encode
+    elif tf.objective == "flow":
+        tokenize = lambda t: [0]  # noqa: E731  (the flow does not read text)
+    else:
+        raise ConfigError("tokenizer_dir is required for LM/DPO training (the release's CosyVoice-BlankEN folder)")
+    data_cfg = dataclasses.replace(tf.data, need_mel=tf.objective == "flow")
+    workdir = Path(tf.train.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "train_config.json").write_text(json.dumps(to_dict(tf), indent=2, ensure_ascii=False))
+    data = D.TrainData(data_cfg, tokenize, state=TR.resume_data_state(workdir))
+    eval_fn = None
+    if tf.eval_data_list:
+        ecfg = dataclasses.replace(data_cfg, data_list=tf.eval_data_list, shuffle=False)
+
+        def eval_fn():
+            ev = D.TrainData(ecfg, tokenize)
+            return (next(ev) for _ in range(ev.batches_per_epoch()))
+    obj = build_objective(tf, cfg, _init_params(tf, cfg))
+    return TR.train(obj, data, tf.train, eval_data=eval_fn, progress=progress)
+
+
+__all__ = ["TrainFile", "load_train_file", "run", "apply_overrides"]
