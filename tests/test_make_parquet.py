@@ -1,0 +1,78 @@
+"""scripts/make_parquet.py: folder of wavs + transcripts -> official parquet shards -> TrainData."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+
+from cosyvoice2_jax.train import data as D
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_parquet", ROOT / "scripts" / "make_parquet.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _folder(tmp_path, shared_wavs):
+    d = tmp_path / "corpus" / "spkA"
+    d.mkdir(parents=True)
+    for i, w in enumerate(shared_wavs):
+        shutil.copy(w, d / f"real{i}.wav")
+        (d / f"real{i}.txt").write_text(f"真实语音第{i}句。", encoding="utf-8")
+    t = np.arange(24000 * 2) / 24000
+    sf.write(d / "tone.flac", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000)
+    (d / "tone.lab").write_text("A two second tone.", encoding="utf-8")
+    sf.write(d / "notext.wav", np.zeros(1600, np.float32) + 0.1, 16000)  # skipped: no transcript
+    return tmp_path / "corpus"
+
+
+def test_make_parquet_from_folder(tmp_path, shared_wavs):
+    corpus = _folder(tmp_path, shared_wavs)
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    rng = np.random.default_rng(0)
+    utts = [f"real{i}" for i in range(len(shared_wavs))] + ["tone"]
+    tokens = {u: rng.integers(0, 6561, 25 * (2 + i)).astype(np.int32) for i, u in enumerate(utts)}
+    np.savez(feats / "utt2speech_token.npz", **tokens)
+    np.savez(feats / "utt2embedding.npz", **{u: rng.standard_normal(192).astype(np.float32) for u in utts})
+    np.savez(feats / "spk2embedding.npz", spkA=rng.standard_normal(192).astype(np.float32))
+    out = tmp_path / "shards"
+    mp = _script()
+    mp.main(["--wav-dir", str(corpus), "--feats-dir", str(feats), "--out", str(out), "--num-utts-per-parquet", "2"])
+    shards = D.read_data_list(out / "data.list")
+    assert len(shards) == 2
+    rows = [r for s in shards for r in pq.read_table(s).to_pylist()]
+    assert sorted(r["utt"] for r in rows) == sorted(utts)
+    for r in rows:
+        assert r["spk"] == "spkA" and r["speech_token"] == tokens[r["utt"]].tolist()
+        wav, sr = sf.read(__import__("io").BytesIO(r["audio_data"]))
+        assert wav.shape[0] > 0
+    assert next(r for r in rows if r["utt"] == "tone")["text"] == "A two second tone."
+    # the training pipeline reads them
+    cfg = D.DataConfig(data_list=str(out / "data.list"), token_buckets=(100,), max_frames_in_batch=800, min_length=10,
+                       num_threads=1)
+    b = next(D.TrainData(cfg, lambda t: list(t.encode())[:50]))
+    assert b["valid"].any()
+    # nothing is overwritten without asking
+    with pytest.raises(SystemExit, match="exists"):
+        mp.main(["--wav-dir", str(corpus), "--feats-dir", str(feats), "--out", str(out)])
+
+
+def test_make_parquet_errors(tmp_path):
+    mp = _script()
+    with pytest.raises(SystemExit, match="wav.scp"):
+        mp.main(["--dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "w").mkdir()
+    sf.write(tmp_path / "w" / "a.wav", np.ones(1600, np.float32) * 0.1, 16000)
+    (tmp_path / "w" / "a.txt").write_text("hi")
+    with pytest.raises(SystemExit, match="lacks utt2speech_token"):
+        mp.main(["--wav-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
