@@ -81,3 +81,27 @@ def test_tiny_flow_loss_decreases_on_real_shards(tmp_path, shared_wavs):
     out = TR.train(FlowObjective(CFG), data, cfg, progress=False)
     losses = [h["loss"] for h in out["history"]]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-10:])
+
+
+def test_trained_flow_exports_to_official_names(oracle, params):  # noqa: F811
+    from cosyvoice2_jax.flow import params as flow_params
+    from cosyvoice2_jax.params_util import flatten
+
+    tok, tl, feat, fl, emb, _ = _case()
+    b = {"speech_token": tok, "speech_token_len": tl, "speech_feat": feat, "speech_feat_len": fl, "embedding": emb,
+         "valid": np.ones(3, bool)}
+    obj = FlowObjective(CFG)
+    obj.init_params = lambda rng: params
+    mesh = M.make_mesh((1, 1, 1))
+    from cosyvoice2_jax.train.optim import make_optimizer
+
+    tx = make_optimizer(OptimConfig(lr=1e-2))
+    state, sh = TR.init_state(obj, tx, mesh, 0)
+    state, _ = TR.make_train_step(obj, tx, sh, mesh, donate=False)(state, b)
+    trained = jax.device_get(state["params"])
+    sd = flow_params.to_torch(trained)
+    out = oracle("train:flow_load_strict", {f"sd/{k}": v for k, v in sd.items()}, dims=DIMS)
+    assert int(out["n"]) == sum(int(np.prod(v.shape)) for v in flatten(trained).values())
+    back = flow_params.from_torch(sd, CFG)
+    for a, c in zip(jax.tree.leaves(back), jax.tree.leaves(trained)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

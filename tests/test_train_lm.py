@@ -161,3 +161,27 @@ def test_shipped_train_configs_load():
         assert tf.objective == name and tf.train.steps == 3
     with pytest.raises(Exception, match="unknown config key 'train.stepz'"):
         load_train_file(root / "lm.yaml", ["train.stepz=3"])
+
+
+def test_trained_tiny_lm_exports_to_official_names(official, oracle):
+    """A few training steps, then export to llm.pt names: the official Qwen2LM loads the state dict
+    strictly and computes the same loss as our objective on a batch."""
+    b = _pad_like_data(_batch(), rows=4, text=9, speech=40)
+    obj = LMObjective(CFG)
+    obj.init_params = lambda rng: official
+    mesh = M.make_mesh((1, 1, 1))
+    tx = make_optimizer(OptimConfig(lr=1e-2))
+    state, sh = TR.init_state(obj, tx, mesh, 0)
+    step = TR.make_train_step(obj, tx, sh, mesh, donate=False)
+    for _ in range(3):
+        state, _ = step(state, {k: np.asarray(v) for k, v in b.items()})
+    trained = jax.device_get(state["params"])
+    assert max(float(np.abs(a - c).max()) for a, c in zip(jax.tree.leaves(trained), jax.tree.leaves(official))) > 1e-3
+    sd = P.export_state_dict(trained, CFG)
+    u = np.array([0.2, 0.7, 0.1, 0.3])
+    raw = {k: np.asarray(v) for k, v in _batch().items() if "reject" not in k}
+    ref = oracle("train:lm_forward_from_sd", {**{f"sd/{k}": v for k, v in sd.items()}, **raw, "uniforms": u},
+                 cfg=qwen_json(CFG))
+    ours, m = jax.jit(obj.loss_fn)(trained, {**b, "bistream_u": jnp.asarray(u)}, jax.random.key(0))
+    np.testing.assert_allclose(float(ours), float(ref["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m["acc"]), float(ref["acc"]), atol=1e-7)
