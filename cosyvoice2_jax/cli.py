@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
     from .train.run import run
 
     out = run(args.config, args.overrides, progress=not args.no_progress)
-    hist = out["history"]
+    hist = [h for h in out["history"] if h.get("split") == "train"]
     if hist:
         print(f"step {hist[-1]['step']}: loss {hist[-1]['loss']:.4f} ({out['steps_per_s']:.2f} steps/s)")
     return 0

@@ -132,10 +132,10 @@ def test_tiny_lm_loss_decreases_on_real_shards(tmp_path, shared_wavs):
     real = [A.load_wav(p, 16000) for p in shared_wavs]
     lst, _ = make_shards(tmp_path, n_rows=8, n_shards=1, real=real, seed=21)
     tok_dir = write_toy_qwen_tokenizer(tmp_path / "tok")
-    spec = {"objective": "lm", "model": "tiny", "tokenizer_dir": str(tok_dir),
+    spec = {"objective": "lm", "model": "tiny", "tokenizer_dir": str(tok_dir), "eval_data_list": str(lst),
             "data": {"data_list": str(lst), "max_frames_in_batch": 1000, "token_buckets": [150], "text_buckets": [32],
                      "num_threads": 1, "min_length": 50},
-            "train": {"steps": 50, "save_every": 25, "log_every": 1, "workdir": str(tmp_path / "run"),
+            "train": {"steps": 50, "save_every": 25, "eval_every": 25, "log_every": 1, "workdir": str(tmp_path / "run"),
                       "async_save": False, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}, "optim": {"lr": 2e-3}}}
     (tmp_path / "lm.yaml").write_text(yaml.safe_dump(spec))
     assert cli.main(["train", "--config", str(tmp_path / "lm.yaml"), "--no-progress"]) == 0
@@ -143,7 +143,11 @@ def test_tiny_lm_loss_decreases_on_real_shards(tmp_path, shared_wavs):
     losses = [r["loss"] for r in rows]
     assert len(losses) == 50
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-5:])
-    assert any((tmp_path / "run" / "tb").iterdir())  # TensorBoard event file written
+    events = list((tmp_path / "run" / "tb").iterdir())
+    assert events  # TensorBoard event file written, with train and held-out eval scalars
+    from tensorboardX.proto import event_pb2  # noqa: F401  (format check below reads raw records)
+    raw = b"".join(p.read_bytes() for p in events)
+    assert b"train/loss" in raw and b"eval/loss" in raw
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == [25, 50]
     # running it again resumes at step 50 and does nothing more
     assert cli.main(["train", "--config", str(tmp_path / "lm.yaml"), "--no-progress"]) == 0

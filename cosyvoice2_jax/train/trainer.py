@@ -159,7 +159,7 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: dict, prefix: str = "train") -> None:
         row = {k: float(v) for k, v in metrics.items()}
-        self.history.append({"step": step, **row})
+        self.history.append({"step": step, "split": prefix, **row})
         if self.writer is not None:
             for k, v in row.items():
                 self.writer.add_scalar(f"{prefix}/{k}", v, step)
