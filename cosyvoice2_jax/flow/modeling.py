@@ -1,0 +1,295 @@
+"""CosyVoice 2 flow: speech tokens + prompt -> mel (paper section 2.4).
+
+Official module: ``cosyvoice.flow.flow.CausalMaskedDiffWithXvec``. Pipeline, channel-last::
+
+    x-vector (B, 192) -> L2 normalise -> spk_embed_affine_layer -> spk (B, 80)
+    [prompt tokens ++ tokens] (B, S) -> input_embedding * valid -> encoder -> encoder_proj
+        -> mu (B, F = 2S, 80)
+    cond (B, F, 80) = prompt mel on the first ``mel_len1`` frames, zeros after
+    CFM (10 Euler steps, cosine grid, CFG 0.7, fixed noise) with the U-Net estimator -> mel
+    output = mel[:, mel_len1 : 2 * S_out]
+
+Public entry points:
+
+* :func:`inference` - the official single-utterance ``inference(token, prompt_token,
+  prompt_feat, embedding, streaming, finalize)`` semantics (numpy in, numpy out).
+* :func:`inference_batch` - the same for a batch with per-row lengths (the official code asserts
+  batch 1); rows are packed ``prompt ++ tokens`` and padded to a bucket of ``token_bucket``
+  tokens, so requests of similar length reuse one compiled program.
+* :func:`training_loss` - the official ``forward`` loss given explicit random draws.
+
+``finalize=False`` (streaming, more tokens to come): the last ``pre_lookahead_len`` tokens only
+feed the encoder's look-ahead and produce no frames (official ``context`` argument).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..config import FlowConfig, FlowTrainMasks, Solver, TScheduler
+from ..errors import ConfigError
+from ..layers.attention import torch_linear
+from ..layers.masks import valid_mask
+from . import cfm as cfm_lib
+from .decoder import CausalConditionalDecoder
+from .encoder import UpsampleConformerEncoder
+
+Array = jax.Array
+
+
+class ConditionalCFM(nn.Module):
+    """Holds the estimator under the torch name ``decoder.estimator``."""
+
+    cfg: FlowConfig
+
+    def setup(self):
+        self.estimator = CausalConditionalDecoder(self.cfg.decoder)
+
+    def __call__(self, x, valid, mu, t, spks, cond, chunk=0):
+        return self.estimator(x, valid, mu, t, spks, cond, chunk)
+
+    def time_embedding(self, t):
+        return self.estimator.time_embedding(t)
+
+    def forward_features(self, h, valid, t_emb, chunk=0):
+        return self.estimator.forward_features(h, valid, t_emb, chunk)
+
+
+class CausalMaskedDiffWithXvec(nn.Module):
+    """Flow parameters and its pieces; the solver loop lives in the functions below.
+
+    Params: ``input_embedding/embedding (V, D)``, ``spk_embed_affine_layer``, ``encoder/...``,
+    ``encoder_proj``, ``decoder/estimator/...`` (torch names with ``.`` -> ``/`` and list indices
+    as ``_{i}``).
+    """
+
+    cfg: FlowConfig
+
+    def setup(self):
+        c = self.cfg
+        self.input_embedding = nn.Embed(c.vocab_size, c.input_size, embedding_init=nn.initializers.normal(1.0))
+        self.spk_embed_affine_layer = torch_linear(c.output_size)
+        self.encoder = UpsampleConformerEncoder(c.encoder)
+        self.encoder_proj = torch_linear(c.output_size)
+        self.decoder = ConditionalCFM(c)
+
+    def __call__(self, tokens, valid, embedding, x, t):
+        """Touches every parameter (for ``init``): one estimator call on the encoded tokens."""
+        spk = self.embed_speaker(embedding)
+        mu, valid_f = self.encode(tokens, valid)
+        return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu))
+
+    def embed_speaker(self, embedding: Array) -> Array:
+        """``(B, 192)`` x-vector -> ``(B, 80)``: ``F.normalize`` (eps 1e-12) then the affine layer."""
+        norm = jnp.sqrt(jnp.sum(embedding * embedding, axis=-1, keepdims=True))
+        return self.spk_embed_affine_layer(embedding / jnp.maximum(norm, 1e-12))
+
+    def encode(self, tokens: Array, valid: Array, chunk: int | Array = 0,
+               lookahead_valid: Array | None = None) -> tuple[Array, Array]:
+        """``tokens (B, S)`` int, ``valid (B, S)`` -> ``(mu (B, 2S, 80), valid_frames (B, 2S))``.
+
+        ``valid``: tokens that produce frames (attention). ``lookahead_valid``: tokens the
+        pre-lookahead layer may read (``None``: every embedded frame, the official training
+        behaviour); tokens in either are embedded, others are zero.
+        """
+        emb_valid = valid if lookahead_valid is None else (valid | lookahead_valid)
+        x = self.input_embedding(jnp.maximum(tokens, 0)) * emb_valid[..., None].astype(jnp.float32)
+        h, valid_f = self.encoder(x, valid, chunk=chunk, lookahead_valid=lookahead_valid)
+        return self.encoder_proj(h), valid_f
+
+    def time_embedding(self, t):
+        return self.decoder.time_embedding(t)
+
+    def estimate_features(self, h, valid, t_emb, chunk=0):
+        return self.decoder.forward_features(h, valid, t_emb, chunk)
+
+    def estimate(self, x, valid, mu, t, spks, cond, chunk=0):
+        return self.decoder(x, valid, mu, t, spks, cond, chunk)
+
+
+def init_params(cfg: FlowConfig, key: Array) -> dict:
+    """Random parameters (plain nested dict) for ``cfg``."""
+    model = CausalMaskedDiffWithXvec(cfg)
+    tok = jnp.zeros((1, 4), jnp.int32)
+    variables = model.init(key, tok, jnp.ones((1, 4), bool), jnp.ones((1, cfg.spk_embed_dim)),
+                           jnp.zeros((1, 8, cfg.output_size)), jnp.zeros((1,)))
+    return dict(variables["params"])
+
+
+def abstract_params(cfg: FlowConfig) -> dict:
+    """``jax.eval_shape`` of :func:`init_params` (no compute): the expected param tree."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
+
+
+# ----------------------------------------------------------------------------- inference core
+@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "n_timesteps", "solver", "t_scheduler"))
+def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding, z, cfg_rate,
+                  *, cfg: FlowConfig, streaming: bool, n_timesteps: int, solver: str, t_scheduler: str):
+    """Jitted core. ``tokens (B, S)`` packed ``prompt ++ tokens``; ``in_len (B,)`` tokens read by
+    the encoder; ``out_len (B,)`` tokens that produce frames; ``prompt_mel_len (B,)``;
+    ``prompt_feat (B, 2S, 80)``; ``embedding (B, 192)``; ``z (B, 2S, 80)`` -> mel ``(B, 2S, 80)``.
+    """
+    _TRACE_COUNT[0] += 1
+    model = CausalMaskedDiffWithXvec(cfg)
+    p = {"params": params}
+    B, S = tokens.shape
+    F = 2 * S
+    enc_chunk = cfg.encoder.static_chunk_size if streaming else 0
+    dec_chunk = cfg.decoder.static_chunk_size if streaming else 0
+    spk = model.apply(p, embedding, method=model.embed_speaker)
+    mu, valid_f = model.apply(p, tokens, valid_mask(out_len, S), enc_chunk, valid_mask(in_len, S),
+                              method=model.encode)
+    cond = prompt_feat * valid_mask(prompt_mel_len, F)[..., None].astype(prompt_feat.dtype)
+    # step-invariant part of the estimator input, CFG rows: conditioned, then all-zero
+    rest = jnp.concatenate([mu, jnp.broadcast_to(spk[:, None], (B, F, spk.shape[-1])), cond], axis=-1)
+    rest2 = jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
+    valid2 = jnp.concatenate([valid_f, valid_f], axis=0)
+
+    def estimate(x2, t):
+        t_emb = model.apply(p, jnp.broadcast_to(t, (2 * B,)), method=model.time_embedding)
+        h = jnp.concatenate([x2, rest2], axis=-1)
+        return model.apply(p, h, valid2, t_emb, dec_chunk, method=model.estimate_features)
+
+    velocity = cfm_lib.cfg_velocity(estimate, cfg_rate)
+    ts = cfm_lib.t_span(n_timesteps, t_scheduler)
+    return cfm_lib.solve(velocity, z, ts, solver)
+
+
+_TRACE_COUNT = [0]
+
+
+def trace_count() -> int:
+    """How many times the jitted inference core was traced (= compiled) in this process."""
+    return _TRACE_COUNT[0]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len: Sequence[int],
+                    prompt_token: np.ndarray, prompt_token_len: Sequence[int], prompt_feat: np.ndarray,
+                    prompt_feat_len: Sequence[int], embedding: np.ndarray, *, streaming: bool = False,
+                    finalize: bool = True, noise: Any = "official", n_timesteps: int | None = None,
+                    cfg_rate: float | None = None, solver: Solver | str | None = None,
+                    t_scheduler: TScheduler | str | None = None, token_bucket: int = 50,
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Batched official inference with per-row lengths.
+
+    Args:
+      token: ``(B, S1)`` int speech tokens, row ``b`` valid up to ``token_len[b]``.
+      prompt_token: ``(B, S0)`` prompt speech tokens, valid up to ``prompt_token_len[b]``.
+      prompt_feat: ``(B, F0, 80)`` prompt mel, valid up to ``prompt_feat_len[b]`` (= ``mel_len1``).
+      embedding: ``(B, 192)`` speaker x-vectors.
+      streaming: static-chunk attention (25 tokens / 50 frames) instead of full attention.
+      finalize: False = the last ``pre_lookahead_len`` tokens of each row are look-ahead only.
+      noise: ``"official"`` (fixed noise, same for all rows), a ``jax.random`` key, or an array.
+      token_bucket: packed rows are padded to a multiple of this many tokens.
+    Returns:
+      ``(mels, mel_lens)``: a list of ``(F_b, 80)`` float32 arrays (frames after the prompt) and
+      their lengths.
+    """
+    c = cfg.cfm
+    n_timesteps = n_timesteps or c.n_timesteps
+    cfg_rate = c.inference_cfg_rate if cfg_rate is None else cfg_rate
+    solver = Solver(solver or c.solver).value
+    t_scheduler = TScheduler(t_scheduler or c.t_scheduler).value
+    token, prompt_token = np.asarray(token), np.asarray(prompt_token)
+    prompt_feat = np.asarray(prompt_feat, np.float32)
+    B = token.shape[0]
+    tl, ptl, pfl = (np.asarray(v, np.int64).reshape(-1) for v in (token_len, prompt_token_len, prompt_feat_len))
+    if not (len(tl) == len(ptl) == len(pfl) == prompt_token.shape[0] == prompt_feat.shape[0] == B):
+        raise ConfigError(f"flow inference: batch sizes differ (token {B}, lengths {len(tl)}/{len(ptl)}/{len(pfl)}, "
+                          f"prompt_token {prompt_token.shape[0]}, prompt_feat {prompt_feat.shape[0]}); "
+                          "pass one row per utterance everywhere")
+    total = ptl + tl
+    L = cfg.pre_lookahead_len
+    out_tok = total if finalize else total - L
+    if np.any(out_tok <= 0):
+        raise ConfigError(f"flow inference: a row has {int(out_tok.min())} tokens to decode; with finalize=False "
+                          f"each row needs more than pre_lookahead_len={L} tokens")
+    if np.any(pfl > 2 * out_tok):
+        raise ConfigError("flow inference: prompt_feat is longer than twice the tokens that produce frames "
+                          f"({pfl.tolist()} vs {(2 * out_tok).tolist()}); trim the prompt mel to 2 frames per prompt token")
+    S = _round_up(int(total.max()), token_bucket)
+    F = cfg.token_mel_ratio * S
+    packed = np.zeros((B, S), np.int32)
+    feat = np.zeros((B, F, cfg.output_size), np.float32)
+    for b in range(B):
+        packed[b, : ptl[b]] = prompt_token[b, : ptl[b]]
+        packed[b, ptl[b]: total[b]] = token[b, : tl[b]]
+        feat[b, : pfl[b]] = prompt_feat[b, : pfl[b]]
+    z = cfm_lib.initial_noise(noise, B, F, cfg.output_size)
+    mel = _solve_packed(params, jnp.asarray(packed), jnp.asarray(total, jnp.int32), jnp.asarray(out_tok, jnp.int32),
+                        jnp.asarray(pfl, jnp.int32), jnp.asarray(feat), jnp.asarray(embedding, jnp.float32), z,
+                        jnp.float32(cfg_rate), cfg=cfg, streaming=bool(streaming), n_timesteps=int(n_timesteps),
+                        solver=solver, t_scheduler=t_scheduler)
+    mel = np.asarray(mel)
+    ends = cfg.token_mel_ratio * out_tok
+    return [mel[b, pfl[b]: ends[b]] for b in range(B)], (ends - pfl)
+
+
+def inference(params: dict, cfg: FlowConfig, token: np.ndarray, prompt_token: np.ndarray, prompt_feat: np.ndarray,
+              embedding: np.ndarray, streaming: bool = False, finalize: bool = True, **kwargs) -> np.ndarray:
+    """Official ``CausalMaskedDiffWithXvec.inference`` for one utterance.
+
+    ``token (1, S1)``, ``prompt_token (1, S0)``, ``prompt_feat (1, F0, 80)``, ``embedding (1, 192)``
+    -> mel ``(1, F, 80)`` (channel-last; the official returns ``(1, 80, F)``).
+    """
+    token, prompt_token, prompt_feat = np.asarray(token), np.asarray(prompt_token), np.asarray(prompt_feat)
+    if token.ndim != 2 or token.shape[0] != 1:
+        raise ConfigError(f"flow inference: token must be (1, S), got {token.shape}; use inference_batch for batches")
+    mels, _ = inference_batch(params, cfg, token, [token.shape[1]], prompt_token, [prompt_token.shape[1]],
+                              prompt_feat, [prompt_feat.shape[1]], np.asarray(embedding).reshape(1, -1),
+                              streaming=streaming, finalize=finalize, **kwargs)
+    return mels[0][None]
+
+
+# ----------------------------------------------------------------------------- training
+def loss_masks(cfg: FlowConfig, key: Array, batch: int) -> Array:
+    """Per-example encoder chunk sizes (tokens; 0 = full attention) for one training batch.
+
+    ``OFFICIAL``: one coin per batch, static chunk (25) or full. ``PAPER``: per example one of
+    non-causal (0), full-causal (1), chunk-M (25) and chunk-2M (50) (paper section 2.5).
+    The decoder uses twice these sizes (frames).
+    """
+    m = cfg.encoder.static_chunk_size
+    if FlowTrainMasks(cfg.cfm.train_masks) is FlowTrainMasks.OFFICIAL:
+        return jnp.where(jax.random.uniform(key) < 0.5, m, 0) * jnp.ones((batch,), jnp.int32)
+    choices = jnp.asarray([0, 1, m, 2 * m], jnp.int32)
+    return choices[jax.random.randint(key, (batch,), 0, 4)]
+
+
+def training_loss(params: dict, cfg: FlowConfig, speech_token: Array, speech_token_len: Array, speech_feat: Array,
+                  speech_feat_len: Array, embedding: Array, draws: dict[str, Array],
+                  chunk: int | Array = 0) -> Array:
+    """Official ``CausalMaskedDiffWithXvec.forward`` loss.
+
+    ``speech_token (B, S)``, ``speech_feat (B, F=2S, 80)``, ``embedding (B, 192)``; ``draws`` from
+    :func:`cfm.sample_loss_draws` (``t_u``, ``z (B, F, 80)``, ``cfg_u``, ``prompt_len``); ``chunk``:
+    encoder chunk in tokens, int or ``(B,)`` (see :func:`loss_masks`; decoder uses twice it).
+    The encoder's look-ahead reads padded frames' embeddings as the official training does.
+    """
+    model = CausalMaskedDiffWithXvec(cfg)
+    p = {"params": params}
+    B, S = speech_token.shape
+    spk = model.apply(p, embedding, method=model.embed_speaker)
+    valid_tok = valid_mask(speech_token_len, S)
+    mu, valid_f = model.apply(p, speech_token, valid_tok, chunk, method=model.encode)
+    F = mu.shape[1]
+    if speech_feat.shape[1] != F:
+        raise ConfigError(f"flow loss: speech_feat has {speech_feat.shape[1]} frames but the tokens give {F} "
+                          f"({cfg.token_mel_ratio} per token); pad/trim the batch consistently")
+    cond = speech_feat * valid_mask(draws["prompt_len"], F)[..., None].astype(speech_feat.dtype)
+    dec_chunk = chunk * cfg.token_mel_ratio
+
+    def estimator(y, valid, mu_, t, spks, cond_):
+        return model.apply(p, y, valid, mu_, t, spks, cond_, dec_chunk, method=model.estimate)
+
+    loss, _ = cfm_lib.cfm_loss(estimator, speech_feat, valid_f, mu, spk, cond, draws, cfg.cfm)
+    return loss
