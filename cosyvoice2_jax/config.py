@@ -159,6 +159,7 @@ class CFMConfig:
     loss: FlowLoss = FlowLoss.MSE
     train_masks: FlowTrainMasks = FlowTrainMasks.OFFICIAL
     prompt_prefix_max: float = 0.3  # cond = random prefix of at most 30% of the target mel
+    loss_on_prompt: bool = True  # official: the loss covers the prompt prefix too; False = paper (target frames only)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -334,3 +334,25 @@ def test_loss_draws_and_paper_masks():
     d = cfm_lib.sample_loss_draws(jax.random.key(2), 256, 10, jnp.full((256,), 100), CFMConfig())
     pl = np.asarray(d["prompt_len"])
     assert pl.max() <= 30 and 0.4 < (pl > 0).mean() < 0.6 and d["z"].shape == (256, 10, 80)
+
+
+def test_loss_variants_hand_derived():
+    """MSE/L1 over all valid frames (official) or only the non-prompt frames (paper): with an
+    estimator that predicts zeros the loss is the mean of u^2 / |u| over the kept frames."""
+    r = np.random.default_rng(3)
+    B, Fr, C = 2, 10, 80
+    x1 = jnp.asarray(r.normal(size=(B, Fr, C)), jnp.float32)
+    z = jnp.asarray(r.normal(size=(B, Fr, C)), jnp.float32)
+    valid = jnp.asarray(np.arange(Fr)[None] < np.array([[10], [7]]))
+    draws = {"t_u": jnp.array([0.3, 0.6]), "z": z, "cfg_u": jnp.array([0.9, 0.9]), "prompt_len": jnp.array([4, 0])}
+    zero = lambda y, v, mu, t, s, c: jnp.zeros_like(y)  # noqa: E731
+    u = np.asarray(x1 - (1 - 1e-6) * z)
+    for loss, fn in (("mse", np.square), ("l1", np.abs)):
+        for on_prompt in (True, False):
+            cfg = CFMConfig(loss=loss, loss_on_prompt=on_prompt)
+            got, _ = cfm_lib.cfm_loss(zero, x1, valid, x1, jnp.zeros((B, 80)), x1, draws, cfg)
+            keep = np.asarray(valid).copy()
+            if not on_prompt:
+                keep[0, :4] = False
+            want = fn(u)[keep].sum() / (keep.sum() * C)
+            np.testing.assert_allclose(float(got), want, rtol=1e-5)

@@ -169,7 +169,10 @@ def cfm_loss(estimator: Callable[..., Array], x1: Array, valid: Array, mu: Array
         keep = (draws["cfg_u"] > cfg.training_cfg_rate).astype(x1.dtype)
         mu, spks, cond = mu * keep[:, None, None], spks * keep[:, None], cond * keep[:, None, None]
     pred = estimator(y, valid, mu, t[:, 0, 0], spks, cond)
-    m = valid[..., None].astype(x1.dtype)
+    keep_f = valid
+    if not cfg.loss_on_prompt:  # only the frames to generate, not the prompt prefix given as cond
+        keep_f = valid & (jnp.arange(x1.shape[1])[None, :] >= draws["prompt_len"][:, None])
+    m = keep_f[..., None].astype(x1.dtype)
     err = (pred - u) * m
     err = err * err if FlowLoss(cfg.loss) is FlowLoss.MSE else jnp.abs(err)
     return jnp.sum(err) / (jnp.sum(m) * x1.shape[-1]), y
