@@ -29,32 +29,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".opus", ".aiff", ".aif", ".au", ".w64", ".caf"}
 
 
 def read_wav_list(args) -> list[tuple[str, str]]:
-    if args.dir:
-        scp = Path(args.dir) / "wav.scp"
-        if not scp.is_file():
-            sys.exit(f"error: {scp} not found; give a Kaldi-style data dir (wav.scp: 'utt path' lines) or --wav-dir")
-        items = []
-        for n, line in enumerate(scp.read_text().splitlines(), 1):
-            parts = line.split(maxsplit=1)
-            if not parts:
-                continue
-            if len(parts) != 2:
-                sys.exit(f"error: {scp}:{n}: expected 'utt path', got {line!r}")
-            items.append((parts[0], parts[1].strip()))
-    else:
-        folder = Path(args.wav_dir)
-        if not folder.is_dir():
-            sys.exit(f"error: --wav-dir {folder} is not a directory")
-        items = [(p.stem, str(p)) for p in sorted(folder.rglob("*")) if p.suffix.lower() in AUDIO_EXT]
-    if not items:
-        sys.exit("error: no utterances found")
-    if args.repeat > 1:  # benchmarking aid
-        items = [(f"{u}#{r}" if r else u, p) for r in range(args.repeat) for u, p in items]
-    return items
+    from cosyvoice2_jax.errors import CosyVoiceError
+    from cosyvoice2_jax.frontend.datalist import read_wav_list as _read
+
+    try:
+        return _read(args.dir, args.wav_dir, args.repeat)
+    except CosyVoiceError as e:
+        sys.exit(f"error: {e}")
 
 
 def read_utt2spk(path: Path, items) -> dict[str, str]:
@@ -91,18 +75,9 @@ def load_params(args, config):
 
 
 def save_outputs(out_dir: Path, name: str, mapping: dict, as_list) -> list[str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    np.savez(out_dir / f"{name}.npz", **{k: np.asarray(v) for k, v in mapping.items()})
-    written.append(str(out_dir / f"{name}.npz"))
-    try:
-        import torch
-    except ImportError:
-        print(f"note: torch not importable, {name}.pt not written (the .npz has the same content)", file=sys.stderr)
-    else:
-        torch.save({k: as_list(v) for k, v in mapping.items()}, out_dir / f"{name}.pt")
-        written.append(str(out_dir / f"{name}.pt"))
-    return written
+    from cosyvoice2_jax.frontend.datalist import save_mapping
+
+    return save_mapping(out_dir, name, mapping, as_list)
 
 
 def main(argv=None):

@@ -32,17 +32,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-AUDIO_EXT = {".wav", ".flac", ".ogg", ".opus", ".aiff", ".aif", ".au", ".w64", ".caf"}
 
 
 def _read_kv(path: Path) -> dict[str, str]:
-    out = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            k, _, v = line.partition(" ")
-            out[k] = v.strip()
-    return out
+    from cosyvoice2_jax.frontend.datalist import read_kv
+
+    return read_kv(path)
+
+
+from cosyvoice2_jax.frontend.datalist import AUDIO_EXT  # noqa: E402
 
 
 def collect(args) -> tuple[list[str], dict, dict, dict, dict]:

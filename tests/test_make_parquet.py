@@ -76,3 +76,24 @@ def test_make_parquet_errors(tmp_path):
     (tmp_path / "w" / "a.txt").write_text("hi")
     with pytest.raises(SystemExit, match="lacks utt2speech_token"):
         mp.main(["--wav-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+
+
+def test_extract_scripts_then_make_parquet(tmp_path, shared_wavs):
+    """The three data-prep steps chained on real speech (random extractor weights): tokens at
+    25 Hz and 192-d embeddings land in the shards."""
+    corpus = tmp_path / "c" / "spk1"
+    corpus.mkdir(parents=True)
+    wav, sr = sf.read(shared_wavs[-1], dtype="float32")
+    sf.write(corpus / "u1.wav", wav[: int(1.6 * sr)], sr)
+    (corpus / "u1.txt").write_text("你好。", encoding="utf-8")
+    feats = tmp_path / "feats"
+    mp = _script()
+    mp.main(["--wav-dir", str(tmp_path / "c"), "--feats-dir", str(feats), "--out", str(tmp_path / "o"),
+             "--random-init", "0"])
+    row = pq.read_table(D.read_data_list(tmp_path / "o" / "data.list")[0]).to_pylist()[0]
+    assert row["utt"] == "u1" and row["spk"] == "spk1"
+    assert len(row["speech_token"]) == 40  # 1.6 s at 25 Hz
+    assert all(0 <= t < 6561 for t in row["speech_token"])
+    assert len(row["utt_embedding"]) == 192 and np.isfinite(row["utt_embedding"]).all()
+    with np.load(feats / "spk2embedding.npz") as z:
+        assert list(z.files) == ["spk1"]
