@@ -207,9 +207,11 @@ def _clip(items: Sequence[str], n: int = 12) -> str:
 
 
 def load_torch_checkpoint(path: str | Path) -> dict[str, Array]:
-    """Read a ``.pt`` state dict safely (``weights_only=True``) into numpy arrays.
+    """Read a ``.pt`` state dict safely into numpy arrays.
 
-    Needs the ``torch`` extra (``pip install 'cosyvoice2-jax[torch]'``).
+    With PyTorch installed this is ``torch.load(weights_only=True)``; without it, the
+    allow-listed zip/pickle reader in :mod:`cosyvoice2_jax.torch_pt` (tensors and dicts only), so
+    converting a release needs no torch.
     """
     path = Path(path)
     if not path.is_file():
@@ -217,12 +219,16 @@ def load_torch_checkpoint(path: str | Path) -> dict[str, Array]:
     try:
         import torch
     except ImportError:
-        raise ConversionError(f"reading {path.name} needs PyTorch: pip install 'cosyvoice2-jax[torch]' "
-                              "(torch==2.13.0)") from None
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupted file, pickled objects, ...
-        raise ConversionError(f"could not read {path} as a weights-only torch state dict: {e}") from None
+        torch = None
+    if torch is None:
+        from .torch_pt import load_pt
+
+        sd = load_pt(path)
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupted file, pickled objects, ...
+            raise ConversionError(f"could not read {path} as a weights-only torch state dict: {e}") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):

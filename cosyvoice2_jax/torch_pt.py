@@ -1,0 +1,110 @@
+"""Read PyTorch ``.pt`` state dicts without PyTorch.
+
+``torch.save`` writes a zip archive: ``<name>/data.pkl`` (a pickle of the dict structure whose
+tensors are ``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` calls, with
+storages as persistent ids ``('storage', <dtype>Storage, key, location, numel)``) and the raw
+little-endian storage bytes in ``<name>/data/<key>``.
+
+:func:`load_pt` unpickles with an allow-list: dicts/OrderedDicts, tensors and storages only,
+exactly what ``torch.load(weights_only=True)`` accepts for a state dict. Any other global in the
+pickle (arbitrary code) is refused. bfloat16 tensors come back as float32.
+"""
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConversionError
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        dt = _STORAGE_DTYPES[name]
+        if dt == "bfloat16":
+            import ml_dtypes
+
+            dt = ml_dtypes.bfloat16
+        self.dtype = np.dtype(dt)
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    arr = storage
+    item = arr.dtype.itemsize
+    if len(size) == 0:
+        return arr[offset].copy()
+    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=tuple(size), strides=tuple(s * item for s in stride))
+    return np.array(view)
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, *extra):
+    return data
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, fp, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(fp)
+        self.archive, self.prefix = archive, prefix
+        self.cache: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return _rebuild_parameter
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and dicts are allowed "
+                                     "in a weights file")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        _, stype, key, _location, _numel = pid
+        if key not in self.cache:
+            raw = self.archive.read(f"{self.prefix}data/{key}")
+            self.cache[key] = np.frombuffer(raw, dtype=stype.dtype.newbyteorder("<"))
+        return self.cache[key]
+
+
+def load_pt(path: str | Path) -> dict[str, Any]:
+    """The object (normally a state dict) in a zip-format ``.pt`` file, tensors as numpy arrays."""
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise ConversionError(f"{path} is not a zip-format torch checkpoint (legacy pre-1.6 files need "
+                              "torch itself: pip install 'cosyvoice2-jax[torch]')") from None
+    with zf:
+        pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
+        if len(pkl) != 1:
+            raise ConversionError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
+        prefix = pkl[0][: -len("data.pkl")]
+        with zf.open(pkl[0]) as fp:
+            try:
+                obj = _Unpickler(fp, zf, prefix).load()
+            except pickle.UnpicklingError as e:
+                raise ConversionError(f"{path}: {e}") from None
+    out = obj
+
+    def fix(v):
+        if isinstance(v, np.ndarray) and v.dtype.name == "bfloat16":
+            return v.astype(np.float32)
+        return v
+
+    if isinstance(out, dict):
+        return {k: fix(v) for k, v in out.items()}
+    return out
