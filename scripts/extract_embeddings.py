@@ -12,7 +12,7 @@ name without extension; ``--utt2spk FILE`` optional, else every utterance is its
 Weights: ``--model-dir`` (release dir: ``campplus.onnx``), ``--onnx FILE``, ``--torch-ckpt FILE`` (a
 3D-Speaker ``CAMPPlus`` state dict) or ``--random-init SEED`` (smoke tests and benchmarks only).
 
-    python scripts/extract_embeddings.py --wav-dir ../shared/audio --out /tmp/emb --random-init 0
+    python scripts/extract_embeddings.py --wav-dir my_wavs --out /tmp/emb --random-init 0
     python scripts/extract_embeddings.py --dir data/train --model-dir pretrained_models/CosyVoice2-0.5B
 
 Prints a JSON summary (utterances/s; with ``--bench`` of a second, already compiled pass).

@@ -18,7 +18,7 @@ Weights: ``--model-dir`` (a CosyVoice2 release dir: ``speech_tokenizer_v2.onnx``
 ``--torch-ckpt FILE`` (an ``S3TokenizerV2`` state dict) or ``--random-init SEED`` (smoke tests and
 benchmarks only).
 
-    python scripts/extract_speech_tokens.py --wav-dir ../shared/audio --out /tmp/tok --random-init 0
+    python scripts/extract_speech_tokens.py --wav-dir my_wavs --out /tmp/tok --random-init 0
     python scripts/extract_speech_tokens.py --dir data/train --model-dir pretrained_models/CosyVoice2-0.5B
 
 Prints a JSON summary (utterances/s; with ``--bench`` of a second, already compiled pass).
