@@ -81,6 +81,23 @@ class Rule:
         return m.groupdict() if m else None
 
 
+def linear_rules(t: str, j: str, bias: bool = True) -> list[Rule]:
+    """torch ``Linear`` at key prefix ``t`` -> Flax ``Dense`` at path ``j``."""
+    out = [Rule(f"{t}.weight", f"{j}/kernel", LINEAR)]
+    return out + [Rule(f"{t}.bias", f"{j}/bias")] if bias else out
+
+
+def conv1d_rules(t: str, j: str, bias: bool = True) -> list[Rule]:
+    """torch ``Conv1d`` (no weight norm) at ``t`` -> NWC conv at ``j``."""
+    out = [Rule(f"{t}.weight", f"{j}/kernel", CONV1D)]
+    return out + [Rule(f"{t}.bias", f"{j}/bias")] if bias else out
+
+
+def norm_rules(t: str, j: str) -> list[Rule]:
+    """torch ``LayerNorm`` at ``t`` -> Flax ``LayerNorm`` at ``j``."""
+    return [Rule(f"{t}.weight", f"{j}/scale"), Rule(f"{t}.bias", f"{j}/bias")]
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> ``{"a/b/c": leaf}``."""
     out = {}

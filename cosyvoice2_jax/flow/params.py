@@ -15,20 +15,11 @@ from typing import Mapping
 import numpy as np
 
 from ..config import FlowConfig
-from ..params_util import CONV1D, IDENTITY, LINEAR, Rule, convert, export, load_torch_checkpoint
+from ..params_util import (IDENTITY, Rule, conv1d_rules, convert, export, linear_rules, load_torch_checkpoint,
+                           norm_rules)
 
 
-def _linear(t: str, j: str, bias: bool = True) -> list[Rule]:
-    out = [Rule(f"{t}.weight", f"{j}/kernel", LINEAR)]
-    return out + [Rule(f"{t}.bias", f"{j}/bias")] if bias else out
-
-
-def _conv(t: str, j: str) -> list[Rule]:
-    return [Rule(f"{t}.weight", f"{j}/kernel", CONV1D), Rule(f"{t}.bias", f"{j}/bias")]
-
-
-def _norm(t: str, j: str) -> list[Rule]:
-    return [Rule(f"{t}.weight", f"{j}/scale"), Rule(f"{t}.bias", f"{j}/bias")]
+_linear, _conv, _norm = linear_rules, conv1d_rules, norm_rules
 
 
 def _encoder_layers(stack: str) -> list[Rule]:

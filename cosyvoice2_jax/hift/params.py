@@ -19,8 +19,8 @@ import numpy as np
 
 from ..config import HiFTConfig
 from ..layers.conv import fold_weight_norm
-from ..params_util import (CONV1D, CONV2D, CONV_TRANSPOSE1D, IDENTITY, LINEAR, Rule, Transform, convert,
-                           export)
+from ..params_util import (CONV1D, CONV2D, CONV_TRANSPOSE1D, Rule, Transform, conv1d_rules, convert, export,
+                           linear_rules)
 from .modeling import HiFTGenerator
 
 G_CONV = Transform("wn_gain_conv", lambda w: w.reshape(1, 1, -1), lambda w: w.reshape(-1, 1, 1))
@@ -53,12 +53,9 @@ def hift_rules() -> list[Rule]:
         *_wn("conv_post", "conv_post"),
         *_wn("ups.{i}", "ups_{i}", transposed=True),
         *_wn("f0_predictor.condnet.{i}", "f0_predictor/condnet_{i}"),
-        Rule("f0_predictor.classifier.weight", "f0_predictor/classifier/kernel", LINEAR),
-        Rule("f0_predictor.classifier.bias", "f0_predictor/classifier/bias", IDENTITY),
-        Rule("m_source.l_linear.weight", "m_source/l_linear/kernel", LINEAR),
-        Rule("m_source.l_linear.bias", "m_source/l_linear/bias", IDENTITY),
-        Rule("source_downs.{i}.weight", "source_downs_{i}/kernel", CONV1D),
-        Rule("source_downs.{i}.bias", "source_downs_{i}/bias", IDENTITY),
+        *linear_rules("f0_predictor.classifier", "f0_predictor/classifier"),
+        *linear_rules("m_source.l_linear", "m_source/l_linear"),
+        *conv1d_rules("source_downs.{i}", "source_downs_{i}"),
         *_resblocks("resblocks", "resblocks"),
         *_resblocks("source_resblocks", "source_resblocks"),
     ]

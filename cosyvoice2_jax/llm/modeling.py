@@ -302,27 +302,22 @@ class Qwen2ForCausalLM(nn.Module):
     quant: bool = False
     pad_rows: bool = False
 
+    def _inner(self) -> nn.Module:
+        return Qwen2Model(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
+
     def setup(self):
-        self.model = Qwen2Model(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
+        self.model = self._inner()
 
     def __call__(self, inputs_embeds, positions, mask, cache=None):
         return self.model(inputs_embeds, positions, mask, cache)
 
 
-class Qwen2Encoder(nn.Module):
-    """``cosyvoice.llm.llm.Qwen2Encoder``: its torch attribute ``model`` is the HF causal LM."""
+class Qwen2Encoder(Qwen2ForCausalLM):
+    """``cosyvoice.llm.llm.Qwen2Encoder``: its torch attribute ``model`` is the HF causal LM, so the
+    param path is ``llm/model/model/...`` as in ``llm.pt``."""
 
-    cfg: QwenConfig
-    dtype: Any = jnp.float32
-    scan_layers: bool = False
-    quant: bool = False
-    pad_rows: bool = False
-
-    def setup(self):
-        self.model = Qwen2ForCausalLM(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
-
-    def __call__(self, inputs_embeds, positions, mask, cache=None):
-        return self.model(inputs_embeds, positions, mask, cache)
+    def _inner(self) -> nn.Module:
+        return Qwen2ForCausalLM(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
 
 
 # ----------------------------------------------------------------------------------- masks / positions
