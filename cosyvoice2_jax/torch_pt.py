@@ -108,3 +108,85 @@ def load_pt(path: str | Path) -> dict[str, Any]:
     if isinstance(out, dict):
         return {k: fix(v) for k, v in out.items()}
     return out
+
+
+# ----------------------------------------------------------------------------------- writing
+_NP_TO_STORAGE = {np.dtype(np.float32): "FloatStorage", np.dtype(np.float64): "DoubleStorage",
+                  np.dtype(np.float16): "HalfStorage", np.dtype(np.int64): "LongStorage",
+                  np.dtype(np.int32): "IntStorage", np.dtype(np.int16): "ShortStorage",
+                  np.dtype(np.int8): "CharStorage", np.dtype(np.uint8): "ByteStorage", np.dtype(np.bool_): "BoolStorage"}
+
+
+class _Global:
+    """A ``module.name`` reference written as a pickle GLOBAL (no import of ``module`` needed)."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # pickle requires reduce functions to be callable; never called
+        raise TypeError(f"{self.module}.{self.name} is a placeholder")
+
+
+class _Storage:
+    def __init__(self, key: str, arr: np.ndarray):
+        self.key, self.arr = key, arr
+
+
+class _Tensor:
+    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+        self.storage, self.shape = storage, shape
+
+
+class _Pickler(pickle._Pickler):  # the pure-Python pickler lets us emit torch GLOBALs without torch
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, _Global):
+            self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("ascii"))
+            return
+        super().save(obj, save_persistent_id)
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _Storage):
+            return ("storage", _Global("torch", _NP_TO_STORAGE[obj.arr.dtype]), obj.key, "cpu", int(obj.arr.size))
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _Tensor):
+            stride, acc = [], 1
+            for d in reversed(obj.shape):
+                stride.insert(0, acc)
+                acc *= d
+            return (_Global("torch._utils", "_rebuild_tensor_v2"),
+                    (obj.storage, 0, tuple(obj.shape), tuple(stride), False, collections.OrderedDict()))
+        return NotImplemented
+
+
+def save_pt(obj: Any, path: str | Path) -> Path:
+    """Write a (nested) dict of numpy arrays as a zip-format ``.pt`` that ``torch.load(weights_only=True)``
+    reads as tensors (the format ``torch.save`` writes; no PyTorch needed). bfloat16 is not supported."""
+    import io
+
+    path = Path(path)
+    storages: list[_Storage] = []
+
+    def wrap(v):
+        if isinstance(v, dict):
+            return collections.OrderedDict((k, wrap(x)) for k, x in v.items())
+        a = np.array(v, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
+        if a.dtype not in _NP_TO_STORAGE:
+            raise ConversionError(f"save_pt: dtype {a.dtype} has no torch storage type here")
+        s = _Storage(str(len(storages)), a.astype(a.dtype.newbyteorder("<"), copy=False))
+        storages.append(s)
+        return _Tensor(s, a.shape)
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(wrap(obj))
+    name = "archive"
+    tmp = path.with_name(path.name + ".partial")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{name}/data.pkl", buf.getvalue())
+        zf.writestr(f"{name}/byteorder", "little")
+        for s in storages:
+            zf.writestr(f"{name}/data/{s.key}", s.arr.tobytes())
+        zf.writestr(f"{name}/version", "3\n")
+    tmp.replace(path)
+    return path

@@ -97,12 +97,13 @@ class LMGenerator:
       cfg: LM config; params: ``Qwen2LM`` params (fp32, or ``quantize_params`` output with
       ``quant=True``); sampling: ``"ras"`` (official) or ``"greedy"``; steps_per_call: decode
       steps per jitted call (the streaming granularity); *_bucket: padding multiples
-      (``batch_bucket`` pads the batch with finished dummy rows so batch sizes share compiles).
+      (``batch_bucket`` pads the batch with finished dummy rows so batch sizes share compiles);
+      mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: rows are split over it, params replicated.
     """
 
     def __init__(self, cfg: LMConfig, params, *, sampling: str = "ras", quant: bool = False,
                  steps_per_call: int = 8, text_bucket: int = 32, speech_bucket: int = 64,
-                 cache_bucket: int = 512, batch_bucket: int = 1, max_trials: int = 100):
+                 cache_bucket: int = 512, batch_bucket: int = 1, max_trials: int = 100, mesh=None):
         if sampling not in ("ras", "greedy"):
             raise GenerationError(f"sampling={sampling!r}: use 'ras' (official) or 'greedy'")
         # device arrays once: numpy leaves would be copied into every jitted call
@@ -113,6 +114,14 @@ class LMGenerator:
         self.model = Qwen2LM(cfg, quant=quant, pad_rows=quant)
         self.max_trials = max_trials
         self.batch_bucket = batch_bucket
+        self.mesh = mesh
+        if mesh is not None:  # data parallel: params replicated, rows split over the mesh's 'data' axis
+            from jax.sharding import NamedSharding, PartitionSpec as P
+
+            n = mesh.shape["data"]
+            self.batch_bucket = batch_bucket * n // np.gcd(batch_bucket, n)
+            self.params = jax.device_put(params, NamedSharding(mesh, P()))
+            self._row_sharding = lambda a: NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
         self.dtype = compute_dtype(cfg.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=(0,))
         self.decode = jax.jit(self._decode, static_argnums=(0,), donate_argnums=(2,))
@@ -243,6 +252,8 @@ class LMGenerator:
             if key is not None and jnp.ndim(key) == 2:
                 key = jnp.concatenate([jnp.asarray(key), jnp.zeros((pad, 2), jnp.asarray(key).dtype)])
         slots, args = self._pack(requests, key)
+        if self.mesh is not None:
+            args = tuple(jax.device_put(a, self._row_sharding(a)) for a in args)
         st = self.prefill(slots, self.params, *args)
         while True:
             st, toks = self.decode(self.steps_per_call, self.params, st)

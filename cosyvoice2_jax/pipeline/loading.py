@@ -1,0 +1,285 @@
+"""Converting the official release to our checkpoint format, caching it, and exporting it back.
+
+A *converted* directory (written by :func:`convert_release`, ``cosyvoice2-jax convert`` and the
+automatic cache of ``CosyVoice2.from_pretrained``)::
+
+    OUT/
+      cosyvoice2_jax.json   format marker: source release dir, its file fingerprint
+      config.yaml           the ModelConfig (our YAML schema; cosyvoice2_jax.config)
+      params/               Orbax checkpoint: {llm, flow, hift, speech_tokenizer, campplus} params
+      spk2info.npz          built-in and added speakers (flattened arrays)
+      CosyVoice-BlankEN/    copy of the Qwen tokenizer files
+      cosyvoice2.yaml       copy of the release YAML (for export)
+
+The release's ONNX files are not copied (``export`` takes them from the recorded source directory,
+or from ``--onnx-from``), since only the LM, flow and HiFT are trained by this project.
+
+The cache lives in ``$COSYVOICE2_JAX_CACHE`` (default ``~/.cache/cosyvoice2_jax``), keyed by the
+release path and the size and mtime of its files: a changed file triggers a fresh conversion.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..config import CampplusConfig, ModelConfig, SpeechTokenizerConfig
+from ..errors import ReleaseDirError
+from .release import (REQUIRED_FILES, TOKENIZER_DIR, ReleasePaths, check_release_dir, config_from_release_yaml,
+                      qwen_config_from_dir)
+
+FORMAT = 1
+MARKER = "cosyvoice2_jax.json"
+PARTS = ("llm", "flow", "hift", "speech_tokenizer", "campplus")
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What a synthesis model is built from."""
+
+    config: ModelConfig
+    params: dict[str, Any]
+    tokenizer_dir: Path
+    spk2info: dict[str, dict[str, np.ndarray]]
+    source_dir: Path | None
+    timings: dict[str, float]
+
+
+# ----------------------------------------------------------------------------------- release -> params
+def _onnx_config(module, path: Path, default):
+    fn = getattr(module, "config_from_onnx", None)
+    return fn(path) if fn is not None else default
+
+
+def release_config(paths: ReleasePaths) -> ModelConfig:
+    """ModelConfig of a release: YAML hyperparameters, Qwen sizes from ``config.json``, tokenizer and
+    CAM++ sizes from the ONNX initializers."""
+    from ..speaker import params as spk_params
+    from ..tokenizer import params as tok_params
+
+    cfg = config_from_release_yaml(paths.yaml)
+    lm = dataclasses.replace(cfg.lm, qwen=qwen_config_from_dir(paths.tokenizer_dir, cfg.lm).qwen)
+    tok = _onnx_config(tok_params, paths.speech_tokenizer, SpeechTokenizerConfig())
+    cam = _onnx_config(spk_params, paths.campplus, CampplusConfig())
+    return dataclasses.replace(cfg, lm=lm, tokenizer=tok, campplus=cam)
+
+
+def _spk2info_from_pt(path: Path | None) -> dict[str, dict[str, np.ndarray]]:
+    if path is None:
+        return {}
+    from ..torch_pt import load_pt
+
+    raw = load_pt(path)
+    if not isinstance(raw, dict):
+        raise ReleaseDirError(f"{path}: expected a dict of speakers, got {type(raw).__name__}")
+    out = {}
+    for spk, info in raw.items():
+        if not isinstance(info, dict) or "embedding" not in info:
+            raise ReleaseDirError(f"{path}: speaker {spk!r} has no 'embedding' (keys: {sorted(info) if isinstance(info, dict) else type(info).__name__})")
+        out[str(spk)] = {k: np.asarray(v) for k, v in info.items() if hasattr(v, "shape") or isinstance(v, np.ndarray)}
+    return out
+
+
+def convert_params(paths: ReleasePaths, cfg: ModelConfig) -> dict[str, Any]:
+    """Every part of the release -> params (strict converters; errors name the file and key)."""
+    from ..flow import params as flow_params
+    from ..hift import params as hift_params
+    from ..llm import params as llm_params
+    from ..params_util import load_torch_checkpoint
+    from ..speaker import params as spk_params
+    from ..tokenizer import params as tok_params
+
+    return {
+        "llm": llm_params.load_params(paths.llm, cfg.lm),
+        "flow": flow_params.load(paths.flow, cfg.flow),
+        # weight norm kept (g, v) so that export writes what the official loads; folded at inference
+        "hift": hift_params.from_torch(load_torch_checkpoint(paths.hift), cfg.hift, fold=False),
+        "speech_tokenizer": tok_params.from_onnx(paths.speech_tokenizer, cfg.tokenizer),
+        "campplus": spk_params.from_onnx(paths.campplus, cfg.campplus),
+    }
+
+
+# ----------------------------------------------------------------------------------- converted dir
+def fingerprint(paths: ReleasePaths) -> dict[str, list[int]]:
+    files = [paths.root / f for f in REQUIRED_FILES] + sorted(paths.tokenizer_dir.iterdir())
+    if paths.spk2info is not None:
+        files.append(paths.spk2info)
+    out = {}
+    for f in files:
+        if f.is_file():
+            st = f.stat()
+            out[str(f.relative_to(paths.root))] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def _save_spk2info(path: Path, spk2info: dict) -> None:
+    flat = {}
+    for spk, info in spk2info.items():
+        for k, v in info.items():
+            flat[f"{spk}\x1f{k}"] = np.asarray(v)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **flat)
+    os.replace(tmp, path)
+
+
+def _load_spk2info(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    out: dict[str, dict] = {}
+    with np.load(path) as z:
+        for key in z.files:
+            spk, k = key.split("\x1f", 1)
+            out.setdefault(spk, {})[k] = z[key]
+    return out
+
+
+def write_converted(out: Path, cfg: ModelConfig, params: dict, spk2info: dict, paths: ReleasePaths,
+                    *, overwrite: bool = False) -> Path:
+    import orbax.checkpoint as ocp
+
+    out = Path(out).absolute()
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ReleaseDirError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it")
+        if not is_converted(out):
+            raise ReleaseDirError(f"{out} is not a converted cosyvoice2_jax directory; refusing to delete it. "
+                                  "Choose an empty or new output path")
+        shutil.rmtree(out)
+    tmp = out.with_name(out.name + f".partial-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg.to_yaml(tmp / "config.yaml")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(tmp / "params", {k: params[k] for k in PARTS})
+        ck.wait_until_finished()
+    _save_spk2info(tmp / "spk2info.npz", spk2info)
+    shutil.copytree(paths.tokenizer_dir, tmp / TOKENIZER_DIR)
+    shutil.copy2(paths.yaml, tmp / "cosyvoice2.yaml")
+    meta = {"format": FORMAT, "source": str(paths.root.absolute()), "fingerprint": fingerprint(paths),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (tmp / MARKER).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def read_converted(path: Path) -> Loaded:
+    import orbax.checkpoint as ocp
+
+    t0 = time.perf_counter()
+    path = Path(path).absolute()
+    meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ReleaseDirError(f"{path} was written by another cosyvoice2_jax format ({meta.get('format')}); "
+                              "convert the release again")
+    cfg = ModelConfig.from_yaml(path / "config.yaml")
+    with ocp.StandardCheckpointer() as ck:
+        params = ck.restore(path / "params")
+    params = {k: params[k] for k in PARTS}
+    src = Path(meta["source"]) if meta.get("source") else None
+    return Loaded(cfg, params, path / TOKENIZER_DIR, _load_spk2info(path / "spk2info.npz"), src,
+                  {"restore_s": time.perf_counter() - t0})
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COSYVOICE2_JAX_CACHE", Path.home() / ".cache" / "cosyvoice2_jax"))
+
+
+def cache_path(paths: ReleasePaths) -> Path:
+    key = json.dumps([str(paths.root.absolute()), fingerprint(paths)], sort_keys=True)
+    return cache_root() / f"{paths.root.name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}"
+
+
+def load_release(model_dir: str | Path, *, cache: bool = True, cache_dir: str | Path | None = None) -> Loaded:
+    """Load a release directory or a converted directory.
+
+    A release is converted (timed as ``convert_s``) and, with ``cache``, written to the cache so the
+    next load only restores the Orbax checkpoint (``restore_s``).
+    """
+    model_dir = Path(model_dir)
+    if is_converted(model_dir):
+        return read_converted(model_dir)
+    paths = check_release_dir(model_dir)
+    target = Path(cache_dir) / cache_path(paths).name if cache_dir else cache_path(paths)
+    if cache and is_converted(target):
+        try:
+            loaded = read_converted(target)
+            loaded.source_dir = paths.root
+            return loaded
+        except Exception as e:  # a corrupt cache must not block loading the release itself
+            import warnings
+
+            warnings.warn(f"ignoring unreadable cache {target} ({e}); converting again")
+    t0 = time.perf_counter()
+    cfg = release_config(paths)
+    params = convert_params(paths, cfg)
+    spk2info = _spk2info_from_pt(paths.spk2info)
+    timings = {"convert_s": time.perf_counter() - t0}
+    if cache:
+        t1 = time.perf_counter()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_converted(target, cfg, params, spk2info, paths, overwrite=is_converted(target))
+        timings["cache_write_s"] = time.perf_counter() - t1
+    return Loaded(cfg, params, paths.tokenizer_dir, spk2info, paths.root, timings)
+
+
+def convert_release(model_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """``cosyvoice2-jax convert``: release -> converted directory at ``out``."""
+    paths = check_release_dir(model_dir)
+    cfg = release_config(paths)
+    params = convert_params(paths, cfg)
+    return write_converted(Path(out), cfg, params, _spk2info_from_pt(paths.spk2info), paths, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------------- export
+def export_release(converted: str | Path, out: str | Path, *, onnx_from: str | Path | None = None,
+                   overwrite: bool = False, params: dict | None = None) -> Path:
+    """Write the official layout from a converted directory (``llm.pt``/``flow.pt``/``hift.pt`` from
+    its params, or from ``params`` (e.g. after training); the ONNX files, YAML and tokenizer dir
+    copied). ``.pt`` files are written without PyTorch (:func:`cosyvoice2_jax.torch_pt.save_pt`)."""
+    from ..flow import params as flow_params
+    from ..hift import params as hift_params
+    from ..llm import params as llm_params
+
+    loaded = read_converted(Path(converted))
+    params = params or loaded.params
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ReleaseDirError(f"{out} exists and is not empty; pass --overwrite to write into it")
+    onnx_dir = Path(onnx_from) if onnx_from else loaded.source_dir
+    missing = [f for f in ("campplus.onnx", "speech_tokenizer_v2.onnx")
+               if onnx_dir is None or not (onnx_dir / f).is_file()]
+    if missing:
+        raise ReleaseDirError(f"export needs {', '.join(missing)}: the recorded source release "
+                              f"({onnx_dir}) lacks them; pass --onnx-from <release dir>")
+    from ..torch_pt import save_pt
+
+    cfg = loaded.config
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(sd: dict, name: str) -> None:
+        save_pt({k: np.asarray(v) for k, v in sd.items()}, out / name)
+
+    save(llm_params.export_state_dict(params["llm"], cfg.lm), "llm.pt")
+    save(flow_params.to_torch(params["flow"]), "flow.pt")
+    save(hift_params.to_torch(params["hift"]), "hift.pt")
+    for f in ("campplus.onnx", "speech_tokenizer_v2.onnx"):
+        shutil.copy2(onnx_dir / f, out / f)
+    shutil.copy2(Path(converted) / "cosyvoice2.yaml", out / "cosyvoice2.yaml")
+    if (out / TOKENIZER_DIR).exists():
+        shutil.rmtree(out / TOKENIZER_DIR)
+    shutil.copytree(Path(converted) / TOKENIZER_DIR, out / TOKENIZER_DIR)
+    if loaded.spk2info:
+        save_pt({s: dict(info) for s, info in loaded.spk2info.items()}, out / "spk2info.pt")
+    return out

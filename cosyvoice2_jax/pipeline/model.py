@@ -1,0 +1,401 @@
+"""``CosyVoice2``: the text-to-speech pipeline with the official method names.
+
+    from cosyvoice2_jax.pipeline import CosyVoice2
+    tts = CosyVoice2.from_pretrained("pretrained_models/CosyVoice2-0.5B")
+    for out in tts.inference_zero_shot("Hello there.", "prompt transcript", "prompt.wav", stream=True):
+        play(out["tts_speech"])          # (1, samples) float32 numpy at tts.sample_rate (24 kHz)
+
+Modes (official ``cosyvoice/cli/cosyvoice.py``): ``inference_sft`` (built-in speaker of
+``spk2info.pt``), ``inference_zero_shot`` (prompt audio + its transcript), ``inference_cross_lingual``
+(prompt audio only), ``inference_instruct2`` (prompt audio + an instruction), ``inference_vc``
+(voice conversion of a source utterance). Each returns a generator of ``{'tts_speech': (1, N)}``
+(one per text segment, or per streaming chunk). ``tts_text`` may be a generator of text pieces
+(bistream: the LM starts before the text is complete).
+
+Differences from the official class: outputs are numpy arrays; every call takes an optional PRNG
+``key`` (default: derived from ``seed`` and a call counter, so runs are reproducible); prompts may be
+file paths (any sample rate) or 16 kHz arrays; ``save_spkinfo`` writes our ``spk2info.npz`` (the
+release's ``spk2info.pt`` is never overwritten); ``synthesize_batch`` runs many requests at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
+
+import jax
+import numpy as np
+
+from ..config import ModelConfig, StreamingConfig
+from ..errors import ConfigError, CosyVoiceError, TextError
+from ..frontend.text import QwenTextTokenizer, TextFrontend
+from ..layers.conv import fold_weight_norm
+from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
+from ..speaker.modeling import SpeakerEncoder
+from ..tokenizer.modeling import SpeechTokenizer
+from .frontend import PromptFeatures, as_wav_16k, extract_prompt, source_tokens
+from .loading import Loaded, load_release
+from .token2wav import FlowPrompt, NoiseFn, Token2Wav
+
+log = logging.getLogger(__name__)
+ENDOFPROMPT = "<|endofprompt|>"
+
+
+class ModeError(CosyVoiceError, ValueError):
+    """A synthesis call is missing an input its mode needs, or names an unknown speaker."""
+
+
+@dataclasses.dataclass
+class ModelInput:
+    """One segment's model inputs (official ``model_input`` dict, numpy)."""
+
+    text: Any                                  # list of ids, or an iterator of id lists (bistream)
+    prompt_text: list[int]
+    llm_prompt_speech: np.ndarray              # (S,) int32, may be empty
+    flow: FlowPrompt
+    source_speech: Optional[np.ndarray] = None  # vc: tokens to vocode
+
+
+@dataclasses.dataclass
+class SynthesisRequest:
+    """One request for :meth:`CosyVoice2.synthesize_batch` (non-streaming modes, text as a string)."""
+
+    mode: str                      # sft | zero_shot | cross_lingual | instruct2 | vc
+    text: str = ""
+    prompt_wav: Any = None         # path or 16 kHz array
+    prompt_text: str = ""
+    instruct_text: str = ""
+    spk_id: str = ""
+    source_wav: Any = None         # vc
+    speed: float = 1.0
+    text_frontend: bool = True
+    key: Any = None
+
+
+def _greedy_host(eos: int):
+    def pick(logp: np.ndarray, out_tokens: list, ignore_eos: bool) -> int:
+        lp = np.array(logp, copy=True)
+        if ignore_eos:
+            lp[eos] = -np.inf
+        return int(np.argmax(lp))
+    return pick
+
+
+class CosyVoice2:
+    """The pipeline. Build it with :meth:`from_pretrained` (release or converted directory).
+
+    Args:
+      loaded: the converted model (:func:`cosyvoice2_jax.pipeline.loading.load_release`).
+      sampling: ``"ras"`` (official repetition-aware sampling) or ``"greedy"`` (deterministic).
+      seed: seeds the default per-call keys.
+      flow_cache: streaming chunks reuse the flow's cached state (constant cost) instead of
+        recomputing from token 0 as the official; same output.
+      streaming: chunk schedule (``token_hop_len``, growth ``stream_scale_factor``, cap
+        ``token_max_hop_len``; the official 2025 snapshot uses a fixed 25: ``stream_scale_factor=1``).
+      hift_noise: ``(batch, samples) -> (batch, samples, 9)`` source noise override (tests).
+      quant: int8 W8A8 LM decode (faster on CPU, small numerical change).
+      mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: :meth:`synthesize_batch` splits its rows
+        over it (params replicated); e.g. ``jax.make_mesh((jax.device_count(),), ("data",),
+        axis_types=(jax.sharding.AxisType.Auto,))``.
+    """
+
+    def __init__(self, loaded: Loaded, *, sampling: str = "ras", seed: int = 0, flow_cache: bool = True,
+                 streaming: StreamingConfig | None = None, hift_noise: Optional[NoiseFn] = None,
+                 quant: bool = False, use_wetext: bool | None = None, lm_steps_per_call: int = 8, mesh=None):
+        self.loaded = loaded
+        self.config: ModelConfig = loaded.config
+        self.sample_rate = self.config.sample_rate
+        self.model_dir = loaded.source_dir
+        p = loaded.params
+        self.text_tokenizer = QwenTextTokenizer.from_dir(loaded.tokenizer_dir)
+        self.text = TextFrontend(self.text_tokenizer, use_wetext=use_wetext)
+        self.speech_tokenizer = SpeechTokenizer(p["speech_tokenizer"], self.config.tokenizer)
+        self.speaker_encoder = SpeakerEncoder(p["campplus"], self.config.campplus)
+        lm_params = p["llm"]
+        if quant:
+            from ..llm.modeling import quantize_params
+
+            lm_params = quantize_params(lm_params)
+        self.lm = LMGenerator(self.config.lm, lm_params, sampling=sampling, quant=quant, steps_per_call=lm_steps_per_call,
+                              mesh=mesh)
+        self.sampling = sampling
+        self.token2wav = Token2Wav(self.config, p["flow"], fold_weight_norm(p["hift"]), flow_cache=flow_cache,
+                                   streaming=streaming, noise_fn=hift_noise, mesh=mesh)
+        self.spk2info: dict[str, dict[str, np.ndarray]] = {k: dict(v) for k, v in loaded.spk2info.items()}
+        self._seed, self._calls = seed, itertools.count()
+
+    # ------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, cache: bool = True, cache_dir: str | Path | None = None,
+                        **kwargs) -> "CosyVoice2":
+        """Load the official ``CosyVoice2-0.5B`` directory (converted once, then cached as an Orbax
+        checkpoint) or a directory written by ``cosyvoice2-jax convert``. ``kwargs`` go to ``__init__``."""
+        return cls(load_release(model_dir, cache=cache, cache_dir=cache_dir), **kwargs)
+
+    # ------------------------------------------------------------------------------- speakers
+    def list_available_spks(self) -> list[str]:
+        return list(self.spk2info)
+
+    def add_zero_shot_spk(self, prompt_text: str, prompt_speech_16k, zero_shot_spk_id: str) -> bool:
+        """Extract a prompt once and keep it under ``zero_shot_spk_id`` (reuse with ``zero_shot_spk_id=``)."""
+        if not zero_shot_spk_id:
+            raise ModeError("zero_shot_spk_id must be a non-empty name")
+        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
+        text = self.text.normalize(prompt_text, split=False)
+        self.spk2info[zero_shot_spk_id] = {
+            "prompt_text": np.asarray(self.text_tokenizer.encode(text), np.int32), **pf.to_dict()}
+        return True
+
+    def save_spkinfo(self, path: str | Path | None = None, *, overwrite: bool = True) -> Path:
+        """Write the speakers to ``path`` (default ``spk2info.npz`` next to the release). The release's
+        ``spk2info.pt`` is not touched; ``from_pretrained`` reads the ``.npz`` back when present."""
+        from .loading import _save_spk2info
+
+        if path is None:
+            if self.model_dir is None:
+                raise ModeError("save_spkinfo: no model directory known; pass a path")
+            path = Path(self.model_dir) / "spk2info.npz"
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise ModeError(f"{path} exists; pass overwrite=True to replace it")
+        _save_spk2info(path, self.spk2info)
+        return path
+
+    def load_spkinfo(self, path: str | Path) -> None:
+        from .loading import _load_spk2info
+
+        self.spk2info.update(_load_spk2info(Path(path)))
+
+    # ------------------------------------------------------------------------------- inputs
+    def _key(self, key):
+        if key is not None:
+            return key
+        return jax.random.fold_in(jax.random.PRNGKey(self._seed), next(self._calls))
+
+    def _speaker(self, spk_id: str) -> dict[str, np.ndarray]:
+        if spk_id not in self.spk2info:
+            have = ", ".join(sorted(self.spk2info)) or "none (this release has no spk2info.pt)"
+            raise ModeError(f"unknown speaker {spk_id!r}; available: {have}. Add one with add_zero_shot_spk()")
+        return self.spk2info[spk_id]
+
+    @staticmethod
+    def _flow_from_info(info: dict) -> FlowPrompt:
+        # our keys, or the official add_zero_shot_spk keys of a release spk2info.pt
+        tok = info.get("speech_token", info.get("flow_prompt_speech_token", np.zeros((0,), np.int32)))
+        feat = info.get("speech_feat", info.get("prompt_speech_feat", np.zeros((0, 80), np.float32)))
+        emb = info.get("embedding", info.get("flow_embedding"))
+        return FlowPrompt(np.asarray(tok, np.int32).reshape(-1), np.asarray(feat, np.float32).reshape(-1, 80),
+                          np.asarray(emb, np.float32).reshape(-1))
+
+    def _prompt(self, prompt_speech_16k, zero_shot_spk_id: str) -> tuple[dict, FlowPrompt]:
+        if zero_shot_spk_id:
+            info = self._speaker(zero_shot_spk_id)
+            return info, self._flow_from_info(info)
+        if prompt_speech_16k is None:
+            raise ModeError("this mode needs prompt audio (prompt_speech_16k / --prompt-wav) or a zero_shot_spk_id")
+        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
+        return pf.to_dict(), FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
+
+    def _encode(self, text) -> Any:
+        if isinstance(text, str):
+            ids = self.text_tokenizer.encode(text)
+            if not ids:
+                raise TextError(f"text {text!r} has no tokens to synthesise")
+            return ids
+        return ([i] for i in self.text.encode_stream(text))  # bistream: one id per piece, as the official
+
+    def _segments(self, tts_text, text_frontend: bool) -> list:
+        if isinstance(tts_text, str) and not tts_text.strip():
+            raise TextError("tts_text is empty; give the text to synthesise")
+        if not isinstance(tts_text, (str, Iterator)):
+            if isinstance(tts_text, Iterable):
+                tts_text = iter(tts_text)
+            else:
+                raise TextError(f"tts_text must be a string or a generator of strings, got {type(tts_text).__name__}")
+        segs = self.text.normalize(tts_text, split=True, text_frontend=text_frontend)
+        if not segs:
+            raise TextError(f"tts_text {tts_text!r} has nothing to speak after normalisation (only punctuation?)")
+        return segs
+
+    # ------------------------------------------------------------------------------- core
+    def _token_source(self, mi: ModelInput, key) -> Iterator[list[int]]:
+        if mi.source_speech is not None:
+            yield [int(t) for t in mi.source_speech]
+            return
+        if isinstance(mi.text, Iterator):
+            sampler = _greedy_host(self.config.lm.eos_token) if self.sampling == "greedy" else None
+            sess = BistreamSession(self.lm, key=None if sampler else key, sampler=sampler)
+            pending: list[int] = []
+            for tok in sess.run(mi.text, mi.prompt_text, [int(t) for t in mi.llm_prompt_speech]):
+                pending.append(tok)
+                if len(pending) >= self.lm.steps_per_call:
+                    yield pending
+                    pending = []
+            if pending:
+                yield pending
+            return
+        req = Request(text=list(mi.text), prompt_text=list(mi.prompt_text),
+                      prompt_speech=[int(t) for t in mi.llm_prompt_speech])
+        for new in self.lm.stream([req], key=key[None] if self.sampling == "ras" else None):
+            yield new[0]
+
+    def tts(self, mi: ModelInput, *, stream: bool = False, speed: float = 1.0, key=None) -> Iterator[dict]:
+        """One segment: LM (or the vc source tokens) -> flow -> HiFT; yields ``{'tts_speech': (1, N)}``."""
+        key = self._key(key)
+        k_lm, k_voc = jax.random.split(key)
+        if speed <= 0:
+            raise ConfigError(f"speed must be > 0, got {speed}")
+        if stream and speed != 1.0:
+            raise ConfigError("speed change only works with stream=False (as the official); drop --speed or --stream")
+        if stream:
+            for audio in self.token2wav.stream(self._token_source(mi, k_lm), mi.flow, k_voc):
+                yield {"tts_speech": audio[None].astype(np.float32)}
+            return
+        tokens = [t for new in self._token_source(mi, k_lm) for t in new]
+        if not tokens:
+            raise GenerationError("the LM produced no speech tokens for this text")
+        audio = self.token2wav.full(np.asarray(tokens, np.int32), mi.flow, k_voc, speed=speed)
+        yield {"tts_speech": audio[None].astype(np.float32)}
+
+    def _run(self, segments, make_input, stream, speed, key) -> Iterator[dict]:
+        key = self._key(key)
+        for i, seg in enumerate(segments):
+            mi = make_input(seg)
+            yield from self.tts(mi, stream=stream, speed=speed, key=jax.random.fold_in(key, i))
+
+    # ------------------------------------------------------------------------------- modes
+    def inference_sft(self, tts_text, spk_id: str, stream: bool = False, speed: float = 1.0,
+                      text_frontend: bool = True, key=None) -> Iterator[dict]:
+        """A built-in speaker (``spk2info.pt``) reads ``tts_text``."""
+        info = self._speaker(spk_id)
+        emb = np.asarray(info.get("embedding", info.get("flow_embedding")), np.float32).reshape(-1)
+        empty = FlowPrompt(np.zeros((0,), np.int32), np.zeros((0, self.config.flow.output_size), np.float32), emb)
+        segs = self._segments(tts_text, text_frontend)
+        return self._run(segs, lambda s: ModelInput(self._encode(s), [], np.zeros((0,), np.int32), empty),
+                         stream, speed, key)
+
+    def inference_zero_shot(self, tts_text, prompt_text: str, prompt_speech_16k=None, zero_shot_spk_id: str = "",
+                            stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
+                            key=None) -> Iterator[dict]:
+        """Clone the prompt speaker: ``prompt_text`` is the transcript of ``prompt_speech_16k``."""
+        segs = self._segments(tts_text, text_frontend)
+        info, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
+        if zero_shot_spk_id:
+            ptext = [int(t) for t in np.asarray(info.get("prompt_text", []), np.int64).reshape(-1)]
+        else:
+            if not isinstance(prompt_text, str) or not prompt_text.strip():
+                raise ModeError("zero_shot needs prompt_text, the transcript of the prompt audio "
+                                "(or use inference_cross_lingual without a transcript)")
+            ptext = self.text_tokenizer.encode(self.text.normalize(prompt_text, split=False, text_frontend=text_frontend))
+        for s in segs:
+            if isinstance(s, str) and len(s) < 0.5 * len(prompt_text or ""):
+                log.warning("synthesis text %r is much shorter than the prompt text; quality may suffer", s)
+        speech = np.asarray(info.get("speech_token", info.get("llm_prompt_speech_token", flow.token)), np.int32).reshape(-1)
+        return self._run(segs, lambda s: ModelInput(self._encode(s), ptext, speech, flow), stream, speed, key)
+
+    def inference_cross_lingual(self, tts_text, prompt_speech_16k=None, zero_shot_spk_id: str = "",
+                                stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
+                                key=None) -> Iterator[dict]:
+        """The prompt's voice speaks ``tts_text`` (any language); the LM gets no prompt."""
+        segs = self._segments(tts_text, text_frontend)
+        _, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
+        return self._run(segs, lambda s: ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow),
+                         stream, speed, key)
+
+    def inference_instruct2(self, tts_text, instruct_text: str, prompt_speech_16k=None, zero_shot_spk_id: str = "",
+                            stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
+                            key=None) -> Iterator[dict]:
+        """The prompt's voice speaks ``tts_text`` following ``instruct_text`` (e.g. a dialect or an emotion).
+        ``<|endofprompt|>`` is appended to the instruction unless it already contains it."""
+        if not isinstance(instruct_text, str) or not instruct_text.strip():
+            raise ModeError("instruct2 needs instruct_text, e.g. 'Speak happily.'")
+        segs = self._segments(tts_text, text_frontend)
+        _, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
+        instr = instruct_text if ENDOFPROMPT in instruct_text else instruct_text + ENDOFPROMPT
+        ptext = self.text_tokenizer.encode(instr)
+        return self._run(segs, lambda s: ModelInput(self._encode(s), ptext, np.zeros((0,), np.int32), flow),
+                         stream, speed, key)
+
+    def inference_vc(self, source_speech_16k, prompt_speech_16k, stream: bool = False, speed: float = 1.0,
+                     key=None) -> Iterator[dict]:
+        """Voice conversion: the source utterance's tokens, the prompt's voice."""
+        if source_speech_16k is None or prompt_speech_16k is None:
+            raise ModeError("vc needs both source_speech_16k (--source-wav) and prompt_speech_16k (--prompt-wav)")
+        src = source_tokens(as_wav_16k(source_speech_16k, "source"), self.speech_tokenizer)
+        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder, trim=False)
+        flow = FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
+        mi = ModelInput([], [], np.zeros((0,), np.int32), flow, source_speech=src)
+        return self._run([None], lambda _: mi, stream, speed, key)
+
+    # ------------------------------------------------------------------------------- batch
+    def _request_inputs(self, r: SynthesisRequest) -> list[ModelInput]:
+        m = r.mode
+        if m not in ("sft", "zero_shot", "cross_lingual", "instruct2", "vc"):
+            raise ModeError(f"unknown mode {m!r}; choose sft, zero_shot, cross_lingual, instruct2 or vc")
+        if m == "vc":
+            if r.source_wav is None or r.prompt_wav is None:
+                raise ModeError("vc request needs source_wav and prompt_wav")
+            src = source_tokens(as_wav_16k(r.source_wav, "source"), self.speech_tokenizer)
+            pf = extract_prompt(as_wav_16k(r.prompt_wav), self.speech_tokenizer, self.speaker_encoder, trim=False)
+            return [ModelInput([], [], np.zeros((0,), np.int32), FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding),
+                               source_speech=src)]
+        segs = self._segments(r.text, r.text_frontend)
+        if m == "sft":
+            info = self._speaker(r.spk_id)
+            emb = np.asarray(info.get("embedding", info.get("flow_embedding")), np.float32).reshape(-1)
+            flow = FlowPrompt(np.zeros((0,), np.int32), np.zeros((0, 80), np.float32), emb)
+            return [ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow) for s in segs]
+        info, flow = self._prompt(r.prompt_wav, r.spk_id)
+        if m == "zero_shot":
+            if r.spk_id:
+                ptext = [int(t) for t in np.asarray(info.get("prompt_text", []), np.int64).reshape(-1)]
+            else:
+                if not r.prompt_text.strip():
+                    raise ModeError("zero_shot request needs prompt_text")
+                ptext = self.text_tokenizer.encode(self.text.normalize(r.prompt_text, split=False,
+                                                                       text_frontend=r.text_frontend))
+            speech = np.asarray(info.get("speech_token", flow.token), np.int32).reshape(-1)
+            return [ModelInput(self._encode(s), ptext, speech, flow) for s in segs]
+        if m == "cross_lingual":
+            return [ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow) for s in segs]
+        # instruct2
+        if not r.instruct_text.strip():
+            raise ModeError("instruct2 request needs instruct_text")
+        instr = r.instruct_text if ENDOFPROMPT in r.instruct_text else r.instruct_text + ENDOFPROMPT
+        ptext = self.text_tokenizer.encode(instr)
+        return [ModelInput(self._encode(s), ptext, np.zeros((0,), np.int32), flow) for s in segs]
+
+    def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
+        """Many non-streaming requests at once: one batched LM run, one batched flow run, one batched
+        vocoder run. Returns one (samples,) array per request (its segments concatenated); each equals
+        the corresponding single call with the same ``key`` (segment ``i`` uses ``fold_in(key, i)``)."""
+        if not requests:
+            raise ModeError("synthesize_batch needs at least one request")
+        rows: list[tuple[int, ModelInput, Any, float]] = []
+        for ri, r in enumerate(requests):
+            key = self._key(r.key)
+            for si, mi in enumerate(self._request_inputs(r)):
+                k_lm, k_voc = jax.random.split(jax.random.fold_in(key, si))
+                rows.append((ri, mi, (k_lm, k_voc), r.speed))
+        lm_rows = [i for i, (_, mi, _, _) in enumerate(rows) if mi.source_speech is None]
+        tokens: dict[int, list[int]] = {}
+        for i, (_, mi, _, _) in enumerate(rows):
+            if mi.source_speech is not None:
+                tokens[i] = [int(t) for t in mi.source_speech]
+        if lm_rows:
+            reqs = [Request(text=list(rows[i][1].text), prompt_text=list(rows[i][1].prompt_text),
+                            prompt_speech=[int(t) for t in rows[i][1].llm_prompt_speech]) for i in lm_rows]
+            keys = jax.numpy.stack([rows[i][2][0] for i in lm_rows]) if self.sampling == "ras" else None
+            for i, toks in zip(lm_rows, self.lm.generate(reqs, key=keys)):
+                if not toks:
+                    raise GenerationError(f"request {rows[i][0]}: the LM produced no speech tokens")
+                tokens[i] = toks
+        audio = self.token2wav.full_batch([np.asarray(tokens[i], np.int32) for i in range(len(rows))],
+                                          [mi.flow for _, mi, _, _ in rows],
+                                          [k[1] for _, _, k, _ in rows], [s for _, _, _, s in rows])
+        out: list[list[np.ndarray]] = [[] for _ in requests]
+        for (ri, _, _, _), a in zip(rows, audio):
+            out[ri].append(a)
+        return [np.concatenate(a) for a in out]
