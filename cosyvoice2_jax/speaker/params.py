@@ -256,3 +256,80 @@ def from_onnx(path_or_model, config: CampplusConfig = CampplusConfig()) -> dict:
     """``campplus.onnx`` -> params (strict)."""
     return from_torch_state_dict(onnx_to_state_dict(path_or_model, config), config, what="campplus.onnx")
 
+
+
+def config_from_onnx(path_or_model, base: CampplusConfig = CampplusConfig()) -> CampplusConfig:
+    """Read the CAM++ sizes of a ``campplus.onnx`` from its weight shapes, in graph order.
+
+    * the first 4-D conv (``head.conv1``, ``(head_channels, 1, 3, 3)``) gives ``head_channels``;
+    * the first 3-D conv (``xvector.tdnn``, ``(init_channels, head_channels * feat_dim / 8, 5)``)
+      gives ``init_channels`` and ``feat_dim``;
+    * then, while ``C`` channels flow: a k=1 conv reading ``C`` channels that is followed by a
+      conv with kernel > 1 starts a dense layer (``linear1`` ``(bn_size * growth, C, 1)``,
+      ``cam_layer.linear_local`` ``(growth, bn_size * growth, k)`` with its ``dilations``, then
+      the CAM context convs); any other k=1 conv reading ``C`` channels is a transit layer
+      (``C -> C / 2``) and closes a block;
+    * the last dense layer (conv or MatMul/Gemm, ``2 C -> embedding_size``) gives ``embedding_size``.
+    ``bn_eps`` keeps ``base``.
+    """
+    import dataclasses
+
+    from ..tokenizer.params import _load_onnx, onnx_constants
+
+    model, numpy_helper = _load_onnx(path_or_model)
+    consts = onnx_constants(model, numpy_helper)
+    convs = []  # (weight shape, dilation) of parametrised 1-D convs / dense layers, graph order
+    head_channels = None
+    for n in model.graph.node:
+        if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in consts:
+            w = consts[n.input[1]]
+            if w.ndim == 4:
+                head_channels = head_channels or int(w.shape[0])
+            elif w.ndim == 3:
+                dil = next((list(a.ints)[0] for a in n.attribute if a.name == "dilations" and a.ints), 1)
+                convs.append((tuple(int(s) for s in w.shape), int(dil)))
+        elif n.op_type in ("MatMul", "Gemm"):
+            w = next((consts[i] for i in n.input[:2] if i in consts and consts[i].ndim == 2), None)
+            if w is not None:
+                trans_b = any(a.name == "transB" and a.i == 1 for a in n.attribute)
+                out, inp = (w.shape if trans_b else w.shape[::-1])
+                convs.append(((int(out), int(inp), 1), 1))
+    if head_channels is None or len(convs) < 3:
+        raise ConversionError("campplus.onnx: no CAM++ layout found (needs the head's 2-D convs and the "
+                              "TDNN's 1-D convs); is this a CAM++ (3D-Speaker CAMPPlus) graph?")
+    (init_channels, tdnn_in, _), _ = convs[0]
+    if tdnn_in % head_channels:
+        raise ConversionError(f"campplus.onnx: TDNN input {tdnn_in} is not a multiple of the head's "
+                              f"{head_channels} channels")
+    feat_dim = tdnn_in // head_channels * 8
+    c, i = init_channels, 1
+    blocks, kernels, dilations = [], [], []
+    layers = growth = bn_channels = None
+    while i < len(convs) - 1:
+        (out, inp, k), _ = convs[i]
+        if inp != c or k != 1:
+            raise ConversionError(f"campplus.onnx: 1-D layer {i} has shape {(out, inp, k)}, expected a k=1 conv "
+                                  f"reading {c} channels (a dense layer's linear1 or a transit layer)")
+        nxt, dil = convs[i + 1]
+        if nxt[2] > 1:  # dense layer: linear1, linear_local, cam linear1, cam linear2
+            if layers is None:
+                layers, kernels, dilations = 0, kernels + [nxt[2]], dilations + [dil]
+            growth, bn_channels = nxt[0], out
+            layers += 1
+            c += growth
+            i += 4
+        else:  # transit
+            if layers is None:
+                raise ConversionError(f"campplus.onnx: transit layer {i} before any dense layer")
+            blocks.append(layers)
+            layers = None
+            c = out
+            i += 1
+    (emb, dense_in, _), _ = convs[-1]
+    if layers is not None or not blocks or dense_in != 2 * c:
+        raise ConversionError(f"campplus.onnx: layer structure does not end in a transit + stats-pool dense "
+                              f"layer ({dense_in} inputs, {c} channels after the last block)")
+    return dataclasses.replace(base, feat_dim=feat_dim, embedding_size=emb, growth_rate=growth,
+                               bn_size=bn_channels // growth, init_channels=init_channels,
+                               block_layers=tuple(blocks), block_kernel_sizes=tuple(kernels),
+                               block_dilations=tuple(dilations), head_channels=head_channels)

@@ -172,3 +172,46 @@ def from_onnx(path_or_model, config: SpeechTokenizerConfig = SpeechTokenizerConf
     """``speech_tokenizer_v2.onnx`` -> params (strict: every parameter must be found)."""
     sd = onnx_to_state_dict(path_or_model, config)
     return from_torch_state_dict(sd, config, what="speech_tokenizer_v2.onnx")
+
+
+def config_from_onnx(path_or_model, base: SpeechTokenizerConfig = SpeechTokenizerConfig()) -> SpeechTokenizerConfig:
+    """Read the model sizes of a ``speech_tokenizer_v2.onnx`` from its initializer shapes.
+
+    ``n_audio_state`` and ``n_mels`` come from the first dense conv (``(D, n_mels, 3)``), the layer
+    count from the ``/blocks.i/`` node names, the FSMN kernel from the depthwise conv, ``fsq_dim``
+    from the ``(D, k)`` projection. The head count is not in any shape: it is read from the ONNX
+    metadata key ``n_audio_head`` when present, else D / 64 (Whisper-style 64-wide heads: the
+    release's 1280 / 20). Other fields keep ``base``.
+    """
+    import dataclasses
+
+    model, numpy_helper = _load_onnx(path_or_model)
+    consts = onnx_constants(model, numpy_helper)
+    d = n_mels = fsmn = None
+    blocks = set()
+    for node in model.graph.node:
+        m = _BLOCK.match(node.name)
+        if m:
+            blocks.add(int(m.group(1)))
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in consts:
+            continue
+        w = consts[node.input[1]]
+        if w.ndim != 3:
+            continue
+        if w.shape[1] == 1:
+            fsmn = fsmn or int(w.shape[2])
+        elif d is None:
+            d, n_mels = int(w.shape[0]), int(w.shape[1])
+    if d is None or not blocks:
+        raise ConversionError("ONNX graph: no S3Tokenizer v2 layout found (needs a (D, n_mels, 3) Conv and "
+                              "/blocks.i/... nodes); is this speech_tokenizer_v2.onnx?")
+    fsq = next((int(c.shape[1]) for c in consts.values() if c.ndim == 2 and c.shape[0] == d and c.shape[1] < 64),
+               base.fsq_dim)
+    meta = {p.key: p.value for p in model.metadata_props}
+    heads = int(meta["n_audio_head"]) if "n_audio_head" in meta else max(d // 64, 1)
+    if d % heads:
+        raise ConversionError(f"ONNX graph: width {d} is not divisible by {heads} heads; set the metadata key "
+                              "n_audio_head")
+    return dataclasses.replace(base, n_mels=n_mels, n_audio_state=d, n_audio_head=heads,
+                               n_audio_layer=max(blocks) + 1, fsmn_kernel_size=fsmn or base.fsmn_kernel_size,
+                               fsq_dim=fsq)
