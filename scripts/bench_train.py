@@ -1,10 +1,14 @@
 """Training-step benchmarks (JSON on stdout).
 
-  python scripts/bench_train.py speed   # tiny LM / flow / DPO steps/s on 1 device and on 8 simulated devices
+  python scripts/bench_train.py speed   # tiny LM / flow / DPO / HiFT-GAN steps/s on 1 device and on 8 simulated devices
   python scripts/bench_train.py memory  # full-size LM train step: compiled memory per batch size
 
 ``speed`` runs each objective on synthetic fixed-shape batches (the data pipeline is benchmarked
 separately) and reports the median step time of ``--repeats`` timed steps after compilation.
+``hift`` is one GAN step (discriminator turn + generator turn) of the tiny generator with
+``--hift-disc small`` (one period + one spectrogram discriminator, as the tests; default) or
+``full`` (the official 5 + 3 sub-discriminators: slow to compile on CPU), 8 crops of 24480 (+480)
+samples; ``--only hift`` runs just that objective.
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -53,22 +57,43 @@ def flow_batch(rows, speech, seed=0):
             "embedding": r.standard_normal((rows, 192)).astype(np.float32), "valid": np.ones((rows,), bool)}
 
 
+def hift_batch(rows, frames=52, seed=0):
+    r = np.random.default_rng(seed)
+    w = frames * 480
+    t = np.arange(w) / 24000.0
+    speech = (0.3 * np.sin(2 * np.pi * r.uniform(100, 250, (rows, 1)) * t)
+              + 0.02 * r.standard_normal((rows, w))).astype(np.float32)
+    return {"speech": speech, "speech_feat": (r.standard_normal((rows, frames, 80)) - 3).astype(np.float32),
+            "pitch_feat": r.uniform(80, 250, (rows, frames)).astype(np.float32), "valid": np.ones((rows,), bool)}
+
+
 def speed(args):
     from cosyvoice2_jax.train.flow import FlowObjective
+    from cosyvoice2_jax.train.hift import GANConfig, HiFTGANObjective
     from cosyvoice2_jax.train.lm import DPOObjective, LMObjective
 
     cfg = ModelConfig.tiny()
     n = len(jax.devices())
     mesh = M.make_mesh((n, 1, 1))
     rows = 8
+    gan = GANConfig() if args.hift_disc == "full" else GANConfig(
+        mpd_periods=(7,), mrd_fft_sizes=(512,), mrd_hop_sizes=(50,), mrd_win_lengths=(240,))
     cases = {"lm": (LMObjective(cfg.lm), lm_batch(rows, 32, 100)),
              "dpo": (DPOObjective(cfg.lm), lm_batch(rows, 32, 100, reject=True)),
-             "flow": (FlowObjective(cfg.flow), flow_batch(rows, 100))}
-    out = {"devices": n, "mesh": dict(mesh.shape), "rows": rows, "repeats": args.repeats, "results": {}}
+             "flow": (FlowObjective(cfg.flow), flow_batch(rows, 100)),
+             "hift": (HiFTGANObjective(cfg.hift, gan), hift_batch(rows))}
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only}
+    out = {"devices": n, "mesh": dict(mesh.shape), "rows": rows, "repeats": args.repeats,
+           "threads": os.cpu_count(), "hift_disc": args.hift_disc, "results": {}}
     for name, (obj, batch) in cases.items():
-        tx = TR.with_trainable_mask(obj, make_optimizer(OptimConfig(lr=1e-4)))
-        state, sh = TR.init_state(obj, tx, mesh, 0)
-        step = TR.make_train_step(obj, tx, sh, mesh)
+        if hasattr(obj, "init_train"):  # two optimizers (GAN)
+            state, sh, step = obj.init_train(TR.TrainConfig(optim=OptimConfig(lr=2e-4), optim_d=OptimConfig(lr=2e-4)),
+                                              mesh)
+        else:
+            tx = TR.with_trainable_mask(obj, make_optimizer(OptimConfig(lr=1e-4)))
+            state, sh = TR.init_state(obj, tx, mesh, 0)
+            step = TR.make_train_step(obj, tx, sh, mesh)
         t0 = time.perf_counter()
         state, m = step(state, batch)
         jax.block_until_ready(m)
@@ -133,6 +158,8 @@ def main():
     s = sub.add_parser("speed")
     s.add_argument("--devices", type=int, default=1)
     s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--only", nargs="+", choices=["lm", "dpo", "flow", "hift"])
+    s.add_argument("--hift-disc", choices=["small", "full"], default="small")
     m = sub.add_parser("memory")
     m.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     m.add_argument("--text", type=int, default=64)

@@ -23,7 +23,7 @@ PIP="$VENV/bin/pip"
 "$PIP" install -q "numpy==1.26.4" "scipy==1.17.1" "einops==0.8.2" "omegaconf==2.3.0" \
   "transformers==4.51.3" "tokenizers==0.21.4" "huggingface_hub==0.36.2" "safetensors==0.8.0" \
   "diffusers==0.29.0" "onnx==1.23.2" "onnxruntime" tqdm "librosa==0.10.2.post1" inflect regex \
-  tiktoken more-itertools hyperpyyaml
+  tiktoken more-itertools hyperpyyaml "pyworld-prebuilt==0.3.6.post1"
 "$PIP" install -q --no-deps "cosyvoice-minicpmo==0.1.0" "s3tokenizer==0.3.0" \
   "chatterbox-tts==0.1.7" "conformer==0.3.2" "torchaudio==2.11.0" "openai-whisper==20250625"
 SP="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"

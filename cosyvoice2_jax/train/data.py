@@ -19,10 +19,18 @@ Pipeline, and why it is shaped this way:
    features and tokenisation run in grain threads or worker processes.
 4. The iterator state (``epoch`` + grain's own state) is saved with each checkpoint: a killed run
    resumes with exactly the next batch.
+
+HiFT GAN mode (``truncate_length > 0``, the official ``data_pipeline_gan``): every utterance is cut
+to a random ``truncate_length``-sample crop (or zero-padded), padded to a multiple of
+``align_samples`` (official HEAD: 960, one 25 Hz token), and a batch holds only ``speech``
+``(B, W)``, ``speech_feat`` ``(B, W / 480, 80)``, ``pitch_feat`` ``(B, W / 480)`` and ``valid``: one
+fixed shape, ``max_frames_in_batch // (W / 480)`` rows. The crop start is drawn from
+``(seed, epoch, row)``, so resumed runs see the same crops.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -64,6 +72,37 @@ class DataConfig:
     need_mel: bool = True
     need_wav: bool = False
     wav_buckets_seconds: bool = False
+    # extra per-row features: "pitch" = F0 at the mel frame rate (HiFT GAN target, pyworld)
+    features: tuple[str, ...] = ()
+    # HiFT GAN mode (> 0): fixed-length random crops (official truncate_length 24480) ...
+    truncate_length: int = 0
+    # ... zero-padded to a multiple of this many samples (official HEAD compute_fbank num_frames: 960)
+    align_samples: int = 0
+    hop_size: int = 480  # samples per mel frame at 24 kHz
+
+
+FEATURES = ("pitch",)
+
+
+def gan_segment_samples(cfg: DataConfig) -> int:
+    """Samples per GAN crop: ``truncate_length`` rounded up to ``align_samples``."""
+    n = cfg.truncate_length
+    if cfg.align_samples > 0:
+        n = -(-n // cfg.align_samples) * cfg.align_samples
+    return n
+
+
+def _check_features(cfg: DataConfig) -> None:
+    bad = [f for f in cfg.features if f not in FEATURES]
+    if bad:
+        raise DataError(f"unknown data feature(s) {', '.join(map(repr, bad))}; available: {', '.join(FEATURES)}")
+    if cfg.truncate_length > 0 and gan_segment_samples(cfg) % cfg.hop_size:
+        raise DataError(f"GAN crop of {gan_segment_samples(cfg)} samples is not a multiple of the mel hop "
+                        f"{cfg.hop_size}; choose truncate_length/align_samples accordingly (official: 24480/960)")
+    if "pitch" in cfg.features:
+        _pyworld()  # fail at start-up, not in a loader thread
+    if "pitch" in cfg.features and not (cfg.need_mel or cfg.truncate_length > 0):
+        raise DataError("the 'pitch' feature is computed at the mel frame rate: set need_mel=True")
 
 
 def read_data_list(path: str | Path) -> list[Path]:
@@ -151,6 +190,8 @@ def plan_epoch(token_len: np.ndarray, cfg: DataConfig, epoch: int,
     keep &= token_len <= max(cfg.token_buckets)
     if text_len is not None:
         keep &= (text_len >= cfg.token_min_length) & (text_len <= max(cfg.text_buckets))
+    if cfg.truncate_length > 0:  # GAN crops: any length fits the single fixed shape
+        keep = (frames100 >= cfg.min_length) & (frames100 <= cfg.max_length) & (token_len > 0)
     idx = np.nonzero(keep)[0]
     rng = np.random.default_rng([cfg.seed, epoch])
     if cfg.shuffle:
@@ -161,8 +202,7 @@ def plan_epoch(token_len: np.ndarray, cfg: DataConfig, epoch: int,
         cur: list[int] = []
         cur_bucket = None
         for i in window:
-            b = _bucket(int(token_len[i]), cfg.token_buckets)
-            rows = rows_for_bucket(b, cfg)
+            b = 0 if cfg.truncate_length > 0 else _bucket(int(token_len[i]), cfg.token_buckets)
             if cur and (b != cur_bucket or len(cur) >= rows_for_bucket(cur_bucket, cfg)):
                 batches.append(_pad_rows(cur, rows_for_bucket(cur_bucket, cfg)))
                 cur = []
@@ -178,8 +218,11 @@ def plan_epoch(token_len: np.ndarray, cfg: DataConfig, epoch: int,
 
 def rows_for_bucket(token_bucket: int, cfg: DataConfig) -> int:
     """Fixed batch rows for a token bucket: as many as fit ``max_frames_in_batch`` mel frames,
-    rounded down to ``batch_multiple`` (at least one multiple)."""
-    rows = max(1, cfg.max_frames_in_batch // (token_bucket * cfg.token_mel_ratio))
+    rounded down to ``batch_multiple`` (at least one multiple). GAN mode: as many crops as fit."""
+    if cfg.truncate_length > 0:
+        rows = max(1, cfg.max_frames_in_batch // (gan_segment_samples(cfg) // cfg.hop_size))
+    else:
+        rows = max(1, cfg.max_frames_in_batch // (token_bucket * cfg.token_mel_ratio))
     m = max(1, cfg.batch_multiple)
     return max(m, rows // m * m)
 
@@ -205,6 +248,54 @@ def decode_audio(data: bytes, target_sr: int) -> np.ndarray:
     return wav.astype(np.float32)
 
 
+def _pyworld():
+    try:
+        import pyworld
+    except ImportError:
+        raise DataError("the 'pitch' data feature needs pyworld (the WORLD vocoder): "
+                        "pip install 'cosyvoice2-jax[train]' (installs the pyworld-prebuilt wheel)") from None
+    return pyworld
+
+
+def pitch_feature(wav: np.ndarray, n_frames: int, sample_rate: int = 24000, hop_size: int = 480) -> np.ndarray:
+    """F0 in Hz at the mel frame rate, ``(n_frames,)`` float32: the official
+    ``processor.compute_f0``: WORLD harvest (dio when harvest finds < 5 voiced frames) with a frame
+    period of one mel hop, refined by stonemask, then resized to ``n_frames`` with torch's
+    ``interpolate(mode='linear', align_corners=False)`` rule (computed in float64)."""
+    pw = _pyworld()
+    x = np.ascontiguousarray(wav, dtype=np.float64)
+    period = hop_size * 1000 / sample_rate
+    f0, t = pw.harvest(x, sample_rate, frame_period=period)
+    if np.sum(f0 != 0) < 5:  # harvest failed: fall back to dio, as the official code does
+        f0, t = pw.dio(x, sample_rate, frame_period=period)
+    f0 = pw.stonemask(x, f0, t, sample_rate)
+    return linear_resize(f0, n_frames).astype(np.float32)
+
+
+def linear_resize(x: np.ndarray, n_out: int) -> np.ndarray:
+    """torch ``F.interpolate(x[None, None], size=n_out, mode='linear')`` (align_corners False) of a
+    1-D float64 array: ``src = max((i + 0.5) * n_in / n_out - 0.5, 0)``, linear between
+    ``floor(src)`` and the next sample (clamped at the end)."""
+    n_in = x.shape[0]
+    src = np.maximum((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = src - i0
+    return (1.0 - lam) * x[i0] + lam * x[i1]
+
+
+def gan_crop(wav: np.ndarray, cfg: DataConfig, rng: np.random.Generator) -> np.ndarray:
+    """Official ``processor.truncate`` (random crop of ``truncate_length`` samples, or zero-pad),
+    then zero-pad to ``gan_segment_samples(cfg)``."""
+    L = cfg.truncate_length
+    if wav.shape[0] > L:
+        start = int(rng.integers(0, wav.shape[0] - L + 1))
+        wav = wav[start: start + L]
+    out = np.zeros((gan_segment_samples(cfg),), np.float32)
+    out[: wav.shape[0]] = wav
+    return out
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
@@ -213,9 +304,46 @@ class Collate:
     """Row indices -> a fixed-shape padded batch (numpy), decoding audio and text per row."""
 
     def __init__(self, source: ParquetSource, cfg: DataConfig, tokenize: Callable[[str], Sequence[int]]):
+        _check_features(cfg)
         self.source = source
         self.cfg = cfg
         self.tokenize = tokenize
+
+    def load_gan_row(self, row: dict, i: int, epoch: int) -> dict | None:
+        """One GAN example: crop, mel (``speech_feat``), optional pitch; None if undecodable."""
+        cfg = self.cfg
+        try:
+            wav = decode_audio(row["audio_data"], cfg.sample_rate)
+            wav = gan_crop(wav, cfg, np.random.default_rng([cfg.seed, epoch, int(i)]))
+            out = {"speech": wav, "speech_feat": A.mel_24k(wav)}
+            if "pitch" in cfg.features:
+                out["pitch_feat"] = pitch_feature(wav, out["speech_feat"].shape[0], cfg.sample_rate, cfg.hop_size)
+        except Exception:
+            return None  # undecodable audio: the row becomes padding (valid False)
+        return out
+
+    def gan_batch(self, rows: Sequence[int], epoch: int) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        W = gan_segment_samples(cfg)
+        Fr = W // cfg.hop_size
+        B = len(rows)
+        batch = {"speech": np.zeros((B, W), np.float32), "speech_feat": np.zeros((B, Fr, 80), np.float32),
+                 "valid": np.zeros((B,), bool)}
+        if "pitch" in cfg.features:
+            batch["pitch_feat"] = np.zeros((B, Fr), np.float32)
+        for b, i in enumerate(rows):
+            if i < 0:
+                continue
+            row = self.source[i]
+            if not cfg.token_min_length <= len(self.tokenize(row["text"])) <= cfg.token_max_length:
+                continue  # the official filter runs before the GAN crop
+            x = self.load_gan_row(row, i, epoch)
+            if x is None:
+                continue
+            for k, v in x.items():
+                batch[k][b] = v
+            batch["valid"][b] = True
+        return batch
 
     def load_row(self, i: int) -> dict | None:
         cfg = self.cfg
@@ -236,6 +364,9 @@ class Collate:
                     n = int(min(mel.shape[0] // cfg.token_mel_ratio, tok.shape[0]))
                     out["speech_feat"] = mel[: n * cfg.token_mel_ratio]
                     out["speech_token"] = tok[:n]
+                    if "pitch" in cfg.features:
+                        f0 = pitch_feature(wav, mel.shape[0], cfg.sample_rate, cfg.hop_size)
+                        out["pitch_feat"] = f0[: n * cfg.token_mel_ratio]
                 if cfg.need_wav:
                     out["speech"] = wav
             except Exception:
@@ -244,8 +375,10 @@ class Collate:
             out["reject_speech_token"] = np.asarray(row["reject_speech_token"], np.int32)
         return out
 
-    def __call__(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+    def __call__(self, rows: Sequence[int], epoch: int = 0) -> dict[str, np.ndarray]:
         cfg = self.cfg
+        if cfg.truncate_length > 0:
+            return self.gan_batch(rows, epoch)
         loaded = [self.load_row(i) if i >= 0 else None for i in rows]
         real = [x for x in loaded if x is not None]
         tmax = max([len(x["speech_token"]) for x in real] + [1])
@@ -261,6 +394,8 @@ class Collate:
         if cfg.need_mel:
             batch["speech_feat"] = np.zeros((B, T * cfg.token_mel_ratio, 80), np.float32)
             batch["speech_feat_len"] = np.zeros((B,), np.int32)
+            if "pitch" in cfg.features:
+                batch["pitch_feat"] = np.zeros((B, T * cfg.token_mel_ratio), np.float32)
         if any("reject_speech_token" in x for x in real):
             batch["reject_speech_token"] = np.zeros((B, T), np.int32)
             batch["reject_speech_token_len"] = np.zeros((B,), np.int32)
@@ -278,6 +413,8 @@ class Collate:
                 f = x["speech_feat"]
                 batch["speech_feat"][b, : f.shape[0]] = f
                 batch["speech_feat_len"][b] = f.shape[0]
+                if "pitch_feat" in x:
+                    batch["pitch_feat"][b, : f.shape[0]] = x["pitch_feat"]
             if "reject_speech_token" in x and "reject_speech_token" in batch:
                 r = x["reject_speech_token"][:T]
                 batch["reject_speech_token"][b, : len(r)] = r
@@ -309,7 +446,7 @@ class TrainData:
         if not plan:
             raise DataError("no training example passes the length filters; check the data and "
                             "DataConfig.token_buckets / max_length")
-        ds = grain.MapDataset.source(plan).map(self.collate)
+        ds = grain.MapDataset.source(plan).map(functools.partial(self.collate, epoch=self.epoch))
         if self.cfg.num_workers > 0:
             it = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
         else:

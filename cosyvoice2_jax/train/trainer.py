@@ -5,6 +5,15 @@ and its loss ``loss_fn(params, batch, rng) -> (loss, metrics)``. The trainer own
 else: the mesh, the jitted step with NamedSharding in/out (state donated), the optimizer, the data
 iterator, Orbax checkpoints that carry the data state, metrics (stdout + TensorBoard events).
 
+Mixed precision (``TrainConfig.precision``): ``fp32`` (default) or ``bf16``: params and optimizer
+state stay fp32; the step casts the floating params to bf16 at its boundary and the model computes
+in bf16 through its ``dtype`` config field (:func:`precision_model_config` sets ``LMConfig.dtype`` /
+``FlowConfig.dtype``); gradients arrive as fp32 (the cotangents of the casts), the loss and metrics
+are returned in fp32 and the optimizer (clip, Adam) runs in fp32.
+
+Objectives with several optimizers (the HiFT GAN) provide ``init_train(cfg, mesh) -> (state,
+shardings, step_fn)`` and the loop uses theirs (see :mod:`cosyvoice2_jax.train.hift`).
+
 Determinism: the step's PRNG key is ``fold_in(seed_key, step)``, and the data order is a function
 of (seed, epoch, position), so a run resumed from a checkpoint reproduces the uninterrupted run
 exactly.
@@ -50,6 +59,52 @@ class TrainConfig:
     workdir: str = "runs/exp"
     mesh: M.MeshConfig = M.MeshConfig()
     optim: OptimConfig = OptimConfig()
+    optim_d: OptimConfig = OptimConfig()  # the discriminator's optimizer (HiFT GAN only)
+    precision: str = "fp32"  # fp32 | bf16 (compute dtype; params and optimizer state stay fp32)
+
+
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def _check_precision(precision: str):
+    if precision not in PRECISIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"train.precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision]
+
+
+def precision_model_config(model_cfg, precision: str):
+    """``model_cfg`` (an LMConfig, FlowConfig or ModelConfig) with its compute ``dtype`` fields set
+    for ``precision`` (``bf16`` -> ``"bfloat16"``); fp32 returns it unchanged."""
+    _check_precision(precision)
+    if precision == "fp32":
+        return model_cfg
+    if hasattr(model_cfg, "lm") and hasattr(model_cfg, "flow"):
+        return dataclasses.replace(model_cfg, lm=precision_model_config(model_cfg.lm, precision),
+                                   flow=precision_model_config(model_cfg.flow, precision))
+    if hasattr(model_cfg, "dtype"):
+        return dataclasses.replace(model_cfg, dtype="bfloat16")
+    return model_cfg
+
+
+def cast_floating(tree: Any, dtype) -> Any:
+    """Cast the fp32 leaves of ``tree`` to ``dtype`` (ints, bools, keys unchanged)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if getattr(x, "dtype", None) == jnp.float32 else x, tree)
+
+
+def mixed_precision_loss(loss_fn: Callable, precision: str) -> Callable:
+    """``loss_fn`` wrapped for ``precision``: params cast to the compute dtype on entry, loss and
+    metrics cast to fp32 on exit. ``fp32`` returns ``loss_fn`` itself."""
+    dtype = _check_precision(precision)
+    if precision == "fp32":
+        return loss_fn
+
+    def lf(params, batch, rng):
+        loss, metrics = loss_fn(cast_floating(params, dtype), batch, rng)
+        return loss.astype(jnp.float32), jax.tree.map(lambda v: jnp.asarray(v).astype(jnp.float32), metrics)
+
+    return lf
 
 
 def with_trainable_mask(objective, tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -112,16 +167,17 @@ def state_shardings(abstract_state: Any, param_shardings: Any, mesh: M.Mesh) -> 
 
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, shardings: Any, mesh: M.Mesh,
-                    seed: int = 0, donate: bool = True) -> Callable:
+                    seed: int = 0, donate: bool = True, precision: str = "fp32") -> Callable:
     """``step(state, batch) -> (state, metrics)``, jitted with shardings; batch leading dim over
-    ``data x fsdp``."""
+    ``data x fsdp``. ``precision``: see the module docstring."""
     base = jax.random.key(seed + 1)
+    loss_fn = mixed_precision_loss(objective.loss_fn, precision)
 
     def step(state, batch):
         rng = jax.random.fold_in(base, state["step"])
 
         def lf(p):
-            return objective.loss_fn(p, batch, rng)
+            return loss_fn(p, batch, rng)
 
         (loss, metrics), grads = jax.value_and_grad(lf, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -143,6 +199,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, shar
         return jitted[key](state, M.shard_batch(batch, mesh))
 
     run.compiled = jitted  # exposed for compile-count tests
+    run.step = step  # the unjitted step (tests inspect its jaxpr)
     return run
 
 
@@ -180,12 +237,15 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = M.make_mesh(cfg.mesh)
-    tx = with_trainable_mask(objective, make_optimizer(cfg.optim))
-    state, shardings = init_state(objective, tx, mesh, cfg.seed)
+    if hasattr(objective, "init_train"):  # several optimizers (HiFT GAN): the objective builds them
+        state, shardings, step_fn = objective.init_train(cfg, mesh)
+    else:
+        tx = with_trainable_mask(objective, make_optimizer(cfg.optim))
+        state, shardings = init_state(objective, tx, mesh, cfg.seed)
+        step_fn = make_train_step(objective, tx, shardings, mesh, cfg.seed, precision=cfg.precision)
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_save)
     if ckpt.latest_step() is not None:
         state, _, _ = ckpt.restore(None, state, shardings)
-    step_fn = make_train_step(objective, tx, shardings, mesh, cfg.seed)
     writer = MetricsWriter(workdir / "tb")
     start = int(state["step"])
     bar = None
