@@ -7,7 +7,7 @@ Subcommands:
   config     print the resolved model config (preset or YAML, plus ``--set`` overrides)
   features   compute the front-end features of a wav (flow mel, whisper mel, CAM++ fbank)
   normalize  normalise and split text the way synthesis does
-  train      train the LM / flow / DPO objective (configs/train/*.yaml)
+  train      train the LM / flow / HiFT-GAN / DPO objective (configs/train/*.yaml)
 
 User errors (bad file, bad option, bad config key) print one line ``error: ...`` and exit 2.
 """
@@ -174,6 +174,13 @@ def cmd_synth(args) -> int:
     paths = _outputs(args, len(texts))
     if not is_converted(args.model_dir):
         check_release_dir(args.model_dir)
+    if not args.no_cache:  # compiled programs persist too: the second run skips XLA compilation
+        import jax
+
+        from .pipeline.loading import cache_root
+
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from .pipeline.model import CosyVoice2
 
     t0 = time.perf_counter()
@@ -271,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy LM decoding instead of RAS sampling")
     p.add_argument("--int8", action="store_true", help="int8 LM decode (faster on CPU)")
     p.add_argument("--no-text-frontend", action="store_true", help="skip text normalisation")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the converted-model cache")
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the caches (converted model, compiled XLA programs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_synth)
 
@@ -306,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wetext", action="store_true", help="rules only, even if wetext is installed")
     p.set_defaults(func=cmd_normalize)
 
-    p = sub.add_parser("train", help="train the LM, flow or DPO objective from a training YAML",
+    p = sub.add_parser("train", help="train the LM, flow, HiFT-GAN or DPO objective from a training YAML",
                        description="Train from a YAML in configs/train/ (its header shows the launch command). "
                                    "Re-running the same command resumes from the latest checkpoint.")
     p.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/lm.yaml")

@@ -351,8 +351,12 @@ class BistreamSession:
         self.key, sub = jax.random.split(self.key)
         return int(self._ras(sub, logp, jnp.asarray(hist), jnp.asarray(valid), jnp.asarray(ignore_eos)))
 
-    def run(self, text_pieces, prompt_text=(), prompt_speech=()) -> Iterator[int]:
-        """Yield speech tokens while text pieces (iterables of text ids) arrive."""
+    def run(self, text_pieces, prompt_text=(), prompt_speech=(), max_tokens: int | None = None) -> Iterator[int]:
+        """Yield speech tokens while text pieces (iterables of text ids) arrive.
+
+        ``max_tokens`` caps the speech tokens yielded in all (the official has no cap: a model that
+        never picks EOS would decode forever); default ``max_token_text_ratio`` x the text tokens,
+        checked once the text has ended."""
         c = self.gen.cfg
         a, s = c.mix_ratio
         eos, fill = c.eos_token, c.fill_token
@@ -363,8 +367,12 @@ class BistreamSession:
         speech_left = self.embed("speech", list(prompt_speech))
         out_tokens: list[int] = []
         next_fill = -1
+        n_text = 0
+        n_out = 0
         for piece in text_pieces:
-            text_cache = np.concatenate([text_cache, self.embed("text", list(piece))])
+            piece = list(piece)
+            n_text += len(piece)
+            text_cache = np.concatenate([text_cache, self.embed("text", piece)])
             while speech_left.shape[0] != 0:
                 if text_cache.shape[0] < a:
                     break
@@ -394,9 +402,13 @@ class BistreamSession:
                     raise GenerationError(f"bistream decoding produced token {top} (EOS is ignored here, "
                                           "only the fill token may end a round)")
                 yield top
+                n_out += 1
+                if max_tokens is not None and n_out >= max_tokens:
+                    return
                 lm_input = self.embed("speech", [top])
         lm_input = np.concatenate([lm_input, text_cache, task])
-        while True:
+        cap = max_tokens if max_tokens is not None else int(c.max_token_text_ratio * max(n_text, 1))
+        while n_out < cap:
             logp = self.feed(lm_input)
             top = self.sample(logp, out_tokens, False)
             out_tokens.append(top)
@@ -405,4 +417,5 @@ class BistreamSession:
                     return
                 raise GenerationError(f"bistream final decoding produced special token {top}")
             yield top
+            n_out += 1
             lm_input = self.embed("speech", [top])

@@ -35,12 +35,13 @@ from ..layers.conv import fold_weight_norm
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
 from ..speaker.modeling import SpeakerEncoder
 from ..tokenizer.modeling import SpeechTokenizer
-from .frontend import PromptFeatures, as_wav_16k, extract_prompt, source_tokens
+from .frontend import as_wav_16k, extract_prompt, source_tokens
 from .loading import Loaded, load_release
 from .token2wav import FlowPrompt, NoiseFn, Token2Wav
 
 log = logging.getLogger(__name__)
 ENDOFPROMPT = "<|endofprompt|>"
+MODES = ("sft", "zero_shot", "cross_lingual", "instruct2", "vc")
 
 
 class ModeError(CosyVoiceError, ValueError):
@@ -96,6 +97,8 @@ class CosyVoice2:
         ``token_max_hop_len``; the official 2025 snapshot uses a fixed 25: ``stream_scale_factor=1``).
       hift_noise: ``(batch, samples) -> (batch, samples, 9)`` source noise override (tests).
       quant: int8 W8A8 LM decode (faster on CPU, small numerical change).
+      bistream_max_tokens: cap on the speech tokens of a bistream (generator) text (default:
+        ``max_token_text_ratio`` x its text tokens; the official has none).
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: :meth:`synthesize_batch` splits its rows
         over it (params replicated); e.g. ``jax.make_mesh((jax.device_count(),), ("data",),
         axis_types=(jax.sharding.AxisType.Auto,))``.
@@ -103,7 +106,8 @@ class CosyVoice2:
 
     def __init__(self, loaded: Loaded, *, sampling: str = "ras", seed: int = 0, flow_cache: bool = True,
                  streaming: StreamingConfig | None = None, hift_noise: Optional[NoiseFn] = None,
-                 quant: bool = False, use_wetext: bool | None = None, lm_steps_per_call: int = 8, mesh=None):
+                 quant: bool = False, use_wetext: bool | None = None, lm_steps_per_call: int = 8, mesh=None,
+                 bistream_max_tokens: int | None = None):
         self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.sample_rate = self.config.sample_rate
@@ -123,6 +127,7 @@ class CosyVoice2:
         self.sampling = sampling
         self.token2wav = Token2Wav(self.config, p["flow"], fold_weight_norm(p["hift"]), flow_cache=flow_cache,
                                    streaming=streaming, noise_fn=hift_noise, mesh=mesh)
+        self.bistream_max_tokens = bistream_max_tokens
         self.spk2info: dict[str, dict[str, np.ndarray]] = {k: dict(v) for k, v in loaded.spk2info.items()}
         self._seed, self._calls = seed, itertools.count()
 
@@ -228,7 +233,8 @@ class CosyVoice2:
             sampler = _greedy_host(self.config.lm.eos_token) if self.sampling == "greedy" else None
             sess = BistreamSession(self.lm, key=None if sampler else key, sampler=sampler)
             pending: list[int] = []
-            for tok in sess.run(mi.text, mi.prompt_text, [int(t) for t in mi.llm_prompt_speech]):
+            for tok in sess.run(mi.text, mi.prompt_text, [int(t) for t in mi.llm_prompt_speech],
+                                max_tokens=self.bistream_max_tokens):
                 pending.append(tok)
                 if len(pending) >= self.lm.steps_per_call:
                     yield pending
@@ -259,114 +265,93 @@ class CosyVoice2:
         audio = self.token2wav.full(np.asarray(tokens, np.int32), mi.flow, k_voc, speed=speed)
         yield {"tts_speech": audio[None].astype(np.float32)}
 
-    def _run(self, segments, make_input, stream, speed, key) -> Iterator[dict]:
-        key = self._key(key)
-        for i, seg in enumerate(segments):
-            mi = make_input(seg)
-            yield from self.tts(mi, stream=stream, speed=speed, key=jax.random.fold_in(key, i))
-
     # ------------------------------------------------------------------------------- modes
+    def _inputs(self, r: SynthesisRequest) -> list[ModelInput]:
+        """The official ``frontend_<mode>`` for every text segment of one request."""
+        m = r.mode
+        if m not in MODES:
+            raise ModeError(f"unknown mode {m!r}; choose {', '.join(MODES)}")
+        none = np.zeros((0,), np.int32)
+        if m == "vc":
+            if r.source_wav is None or r.prompt_wav is None:
+                raise ModeError("vc needs both source_speech_16k (--source-wav) and prompt_speech_16k (--prompt-wav)")
+            src = source_tokens(as_wav_16k(r.source_wav, "source"), self.speech_tokenizer)
+            pf = extract_prompt(as_wav_16k(r.prompt_wav), self.speech_tokenizer, self.speaker_encoder, trim=False)
+            flow = FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
+            return [ModelInput([], [], none, flow, source_speech=src)]
+        if m == "instruct2" and (not isinstance(r.instruct_text, str) or not r.instruct_text.strip()):
+            raise ModeError("instruct2 needs instruct_text, e.g. 'Speak happily.'")
+        segs = self._segments(r.text, r.text_frontend)
+        if m == "sft":
+            info = self._speaker(r.spk_id)
+            emb = np.asarray(info.get("embedding", info.get("flow_embedding")), np.float32).reshape(-1)
+            flow = FlowPrompt(none, np.zeros((0, self.config.flow.output_size), np.float32), emb)
+            ptext, speech = [], none
+        else:
+            info, flow = self._prompt(r.prompt_wav, r.spk_id)
+            ptext, speech = [], none
+            if m == "zero_shot":
+                if r.spk_id:
+                    ptext = [int(t) for t in np.asarray(info.get("prompt_text", []), np.int64).reshape(-1)]
+                else:
+                    if not isinstance(r.prompt_text, str) or not r.prompt_text.strip():
+                        raise ModeError("zero_shot needs prompt_text, the transcript of the prompt audio "
+                                        "(or use inference_cross_lingual without a transcript)")
+                    ptext = self.text_tokenizer.encode(self.text.normalize(r.prompt_text, split=False,
+                                                                           text_frontend=r.text_frontend))
+                    for seg in segs:
+                        if isinstance(seg, str) and len(seg) < 0.5 * len(r.prompt_text):
+                            log.warning("synthesis text %r is much shorter than the prompt text; quality may suffer",
+                                        seg)
+                speech = np.asarray(info.get("speech_token", info.get("llm_prompt_speech_token", flow.token)),
+                                    np.int32).reshape(-1)
+            elif m == "instruct2":
+                instr = r.instruct_text if ENDOFPROMPT in r.instruct_text else r.instruct_text + ENDOFPROMPT
+                ptext = self.text_tokenizer.encode(instr)
+        return [ModelInput(self._encode(seg), ptext, speech, flow) for seg in segs]
+
+    def _run(self, r: SynthesisRequest, stream: bool) -> Iterator[dict]:
+        key = self._key(r.key)
+        for i, mi in enumerate(self._inputs(r)):
+            yield from self.tts(mi, stream=stream, speed=r.speed, key=jax.random.fold_in(key, i))
+
     def inference_sft(self, tts_text, spk_id: str, stream: bool = False, speed: float = 1.0,
                       text_frontend: bool = True, key=None) -> Iterator[dict]:
         """A built-in speaker (``spk2info.pt``) reads ``tts_text``."""
-        info = self._speaker(spk_id)
-        emb = np.asarray(info.get("embedding", info.get("flow_embedding")), np.float32).reshape(-1)
-        empty = FlowPrompt(np.zeros((0,), np.int32), np.zeros((0, self.config.flow.output_size), np.float32), emb)
-        segs = self._segments(tts_text, text_frontend)
-        return self._run(segs, lambda s: ModelInput(self._encode(s), [], np.zeros((0,), np.int32), empty),
-                         stream, speed, key)
+        return self._run(SynthesisRequest("sft", tts_text, spk_id=spk_id, speed=speed, text_frontend=text_frontend,
+                                          key=key), stream)
 
     def inference_zero_shot(self, tts_text, prompt_text: str, prompt_speech_16k=None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
                             key=None) -> Iterator[dict]:
         """Clone the prompt speaker: ``prompt_text`` is the transcript of ``prompt_speech_16k``."""
-        segs = self._segments(tts_text, text_frontend)
-        info, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
-        if zero_shot_spk_id:
-            ptext = [int(t) for t in np.asarray(info.get("prompt_text", []), np.int64).reshape(-1)]
-        else:
-            if not isinstance(prompt_text, str) or not prompt_text.strip():
-                raise ModeError("zero_shot needs prompt_text, the transcript of the prompt audio "
-                                "(or use inference_cross_lingual without a transcript)")
-            ptext = self.text_tokenizer.encode(self.text.normalize(prompt_text, split=False, text_frontend=text_frontend))
-        for s in segs:
-            if isinstance(s, str) and len(s) < 0.5 * len(prompt_text or ""):
-                log.warning("synthesis text %r is much shorter than the prompt text; quality may suffer", s)
-        speech = np.asarray(info.get("speech_token", info.get("llm_prompt_speech_token", flow.token)), np.int32).reshape(-1)
-        return self._run(segs, lambda s: ModelInput(self._encode(s), ptext, speech, flow), stream, speed, key)
+        return self._run(SynthesisRequest("zero_shot", tts_text, prompt_speech_16k, prompt_text,
+                                          spk_id=zero_shot_spk_id, speed=speed, text_frontend=text_frontend,
+                                          key=key), stream)
 
     def inference_cross_lingual(self, tts_text, prompt_speech_16k=None, zero_shot_spk_id: str = "",
                                 stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
                                 key=None) -> Iterator[dict]:
         """The prompt's voice speaks ``tts_text`` (any language); the LM gets no prompt."""
-        segs = self._segments(tts_text, text_frontend)
-        _, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
-        return self._run(segs, lambda s: ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow),
-                         stream, speed, key)
+        return self._run(SynthesisRequest("cross_lingual", tts_text, prompt_speech_16k, spk_id=zero_shot_spk_id,
+                                          speed=speed, text_frontend=text_frontend, key=key), stream)
 
     def inference_instruct2(self, tts_text, instruct_text: str, prompt_speech_16k=None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
                             key=None) -> Iterator[dict]:
         """The prompt's voice speaks ``tts_text`` following ``instruct_text`` (e.g. a dialect or an emotion).
         ``<|endofprompt|>`` is appended to the instruction unless it already contains it."""
-        if not isinstance(instruct_text, str) or not instruct_text.strip():
-            raise ModeError("instruct2 needs instruct_text, e.g. 'Speak happily.'")
-        segs = self._segments(tts_text, text_frontend)
-        _, flow = self._prompt(prompt_speech_16k, zero_shot_spk_id)
-        instr = instruct_text if ENDOFPROMPT in instruct_text else instruct_text + ENDOFPROMPT
-        ptext = self.text_tokenizer.encode(instr)
-        return self._run(segs, lambda s: ModelInput(self._encode(s), ptext, np.zeros((0,), np.int32), flow),
-                         stream, speed, key)
+        return self._run(SynthesisRequest("instruct2", tts_text, prompt_speech_16k, instruct_text=instruct_text,
+                                          spk_id=zero_shot_spk_id, speed=speed, text_frontend=text_frontend,
+                                          key=key), stream)
 
     def inference_vc(self, source_speech_16k, prompt_speech_16k, stream: bool = False, speed: float = 1.0,
                      key=None) -> Iterator[dict]:
         """Voice conversion: the source utterance's tokens, the prompt's voice."""
-        if source_speech_16k is None or prompt_speech_16k is None:
-            raise ModeError("vc needs both source_speech_16k (--source-wav) and prompt_speech_16k (--prompt-wav)")
-        src = source_tokens(as_wav_16k(source_speech_16k, "source"), self.speech_tokenizer)
-        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder, trim=False)
-        flow = FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
-        mi = ModelInput([], [], np.zeros((0,), np.int32), flow, source_speech=src)
-        return self._run([None], lambda _: mi, stream, speed, key)
+        return self._run(SynthesisRequest("vc", prompt_wav=prompt_speech_16k, source_wav=source_speech_16k,
+                                          speed=speed, key=key), stream)
 
     # ------------------------------------------------------------------------------- batch
-    def _request_inputs(self, r: SynthesisRequest) -> list[ModelInput]:
-        m = r.mode
-        if m not in ("sft", "zero_shot", "cross_lingual", "instruct2", "vc"):
-            raise ModeError(f"unknown mode {m!r}; choose sft, zero_shot, cross_lingual, instruct2 or vc")
-        if m == "vc":
-            if r.source_wav is None or r.prompt_wav is None:
-                raise ModeError("vc request needs source_wav and prompt_wav")
-            src = source_tokens(as_wav_16k(r.source_wav, "source"), self.speech_tokenizer)
-            pf = extract_prompt(as_wav_16k(r.prompt_wav), self.speech_tokenizer, self.speaker_encoder, trim=False)
-            return [ModelInput([], [], np.zeros((0,), np.int32), FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding),
-                               source_speech=src)]
-        segs = self._segments(r.text, r.text_frontend)
-        if m == "sft":
-            info = self._speaker(r.spk_id)
-            emb = np.asarray(info.get("embedding", info.get("flow_embedding")), np.float32).reshape(-1)
-            flow = FlowPrompt(np.zeros((0,), np.int32), np.zeros((0, 80), np.float32), emb)
-            return [ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow) for s in segs]
-        info, flow = self._prompt(r.prompt_wav, r.spk_id)
-        if m == "zero_shot":
-            if r.spk_id:
-                ptext = [int(t) for t in np.asarray(info.get("prompt_text", []), np.int64).reshape(-1)]
-            else:
-                if not r.prompt_text.strip():
-                    raise ModeError("zero_shot request needs prompt_text")
-                ptext = self.text_tokenizer.encode(self.text.normalize(r.prompt_text, split=False,
-                                                                       text_frontend=r.text_frontend))
-            speech = np.asarray(info.get("speech_token", flow.token), np.int32).reshape(-1)
-            return [ModelInput(self._encode(s), ptext, speech, flow) for s in segs]
-        if m == "cross_lingual":
-            return [ModelInput(self._encode(s), [], np.zeros((0,), np.int32), flow) for s in segs]
-        # instruct2
-        if not r.instruct_text.strip():
-            raise ModeError("instruct2 request needs instruct_text")
-        instr = r.instruct_text if ENDOFPROMPT in r.instruct_text else r.instruct_text + ENDOFPROMPT
-        ptext = self.text_tokenizer.encode(instr)
-        return [ModelInput(self._encode(s), ptext, np.zeros((0,), np.int32), flow) for s in segs]
-
     def synthesize_batch(self, requests: Sequence[SynthesisRequest]) -> list[np.ndarray]:
         """Many non-streaming requests at once: one batched LM run, one batched flow run, one batched
         vocoder run. Returns one (samples,) array per request (its segments concatenated); each equals
@@ -376,7 +361,7 @@ class CosyVoice2:
         rows: list[tuple[int, ModelInput, Any, float]] = []
         for ri, r in enumerate(requests):
             key = self._key(r.key)
-            for si, mi in enumerate(self._request_inputs(r)):
+            for si, mi in enumerate(self._inputs(r)):
                 k_lm, k_voc = jax.random.split(jax.random.fold_in(key, si))
                 rows.append((ri, mi, (k_lm, k_voc), r.speed))
         lm_rows = [i for i, (_, mi, _, _) in enumerate(rows) if mi.source_speech is None]

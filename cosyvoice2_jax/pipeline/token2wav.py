@@ -20,7 +20,7 @@ state, constant cost per chunk, equal output) unless ``flow_cache=False``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
