@@ -178,7 +178,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
                     finalize: bool = True, noise: Any = "official", n_timesteps: int | None = None,
                     cfg_rate: float | None = None, solver: Solver | str | None = None,
                     t_scheduler: TScheduler | str | None = None, token_bucket: int = 50,
-                    ) -> tuple[list[np.ndarray], np.ndarray]:
+                    place: Any = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Batched official inference with per-row lengths.
 
     Args:
@@ -190,6 +190,8 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
       finalize: False = the last ``pre_lookahead_len`` tokens of each row are look-ahead only.
       noise: ``"official"`` (fixed noise, same for all rows), a ``jax.random`` key, or an array.
       token_bucket: packed rows are padded to a multiple of this many tokens.
+      place: optional ``array -> array`` applied to every per-row input (e.g. ``jax.device_put`` with
+        a batch-sharded ``NamedSharding``: the solve then runs data-parallel over the mesh).
     Returns:
       ``(mels, mel_lens)``: a list of ``(F_b, 80)`` float32 arrays (frames after the prompt) and
       their lengths.
@@ -225,8 +227,9 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
         packed[b, ptl[b]: total[b]] = token[b, : tl[b]]
         feat[b, : pfl[b]] = prompt_feat[b, : pfl[b]]
     z = cfm_lib.initial_noise(noise, B, F, cfg.output_size)
-    mel = _solve_packed(params, jnp.asarray(packed), jnp.asarray(total, jnp.int32), jnp.asarray(out_tok, jnp.int32),
-                        jnp.asarray(pfl, jnp.int32), jnp.asarray(feat), jnp.asarray(embedding, jnp.float32), z,
+    put = place or jnp.asarray
+    mel = _solve_packed(params, put(packed), put(total.astype(np.int32)), put(out_tok.astype(np.int32)),
+                        put(pfl.astype(np.int32)), put(feat), put(np.asarray(embedding, np.float32)), put(z),
                         jnp.float32(cfg_rate), cfg=cfg, streaming=bool(streaming), n_timesteps=int(n_timesteps),
                         solver=solver, t_scheduler=t_scheduler)
     mel = np.asarray(mel)

@@ -162,12 +162,14 @@ class Token2Wav:
 
     def __init__(self, cfg: ModelConfig, flow_params, hift_params, *, flow_cache: bool = True,
                  streaming: StreamingConfig | None = None, noise_fn: Optional[NoiseFn] = None,
-                 token_bucket: int = 50, max_stream_frames: int | None = 4000, mesh=None):
+                 token_bucket: int = 50, max_stream_frames: int = 6000, initial_stream_frames: int = 600,
+                 mesh=None):
         self.cfg, self.mesh = cfg, mesh
         self.flow_params = jax.device_put(flow_params, _replicated(mesh)) if mesh is not None else jax.device_put(flow_params)
         self.stream_cfg = streaming or cfg.streaming
         self.vocoder = Vocoder(cfg, hift_params, noise_fn=noise_fn, mesh=mesh)
-        self.flow_cache, self.token_bucket, self.max_stream_frames = flow_cache, token_bucket, max_stream_frames
+        self.flow_cache, self.token_bucket = flow_cache, token_bucket
+        self.max_stream_frames, self.initial_stream_frames = max_stream_frames, initial_stream_frames
         self._streamer = None
 
     # -------------------------------------------------------------------------------- flow
@@ -206,8 +208,9 @@ class Token2Wav:
         if self._streamer is None:
             from ..flow.streaming import FlowStreamer
 
-            kw = {} if self.max_stream_frames is None else {"max_frames": self.max_stream_frames}
-            self._streamer = FlowStreamer(self.flow_params, self.cfg.flow, **kw)
+            # caches start at initial_stream_frames and double on demand (4.6 MB per frame at full size)
+            self._streamer = FlowStreamer(self.flow_params, self.cfg.flow, max_frames=self.max_stream_frames,
+                                          initial_frames=self.initial_stream_frames)
         return self._streamer
 
     # -------------------------------------------------------------------------------- whole utterance
