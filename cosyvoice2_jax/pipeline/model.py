@@ -108,7 +108,6 @@ class CosyVoice2:
                  streaming: StreamingConfig | None = None, hift_noise: Optional[NoiseFn] = None,
                  quant: bool = False, use_wetext: bool | None = None, lm_steps_per_call: int = 8, mesh=None,
                  bistream_max_tokens: int | None = None):
-        self.loaded = loaded
         self.config: ModelConfig = loaded.config
         self.sample_rate = self.config.sample_rate
         self.model_dir = loaded.source_dir
@@ -127,6 +126,8 @@ class CosyVoice2:
         self.sampling = sampling
         self.token2wav = Token2Wav(self.config, p["flow"], fold_weight_norm(p["hift"]), flow_cache=flow_cache,
                                    streaming=streaming, noise_fn=hift_noise, mesh=mesh)
+        # the components hold device copies: keep no host copy of the weights (halves memory at full size)
+        self.loaded = dataclasses.replace(loaded, params={})
         self.bistream_max_tokens = bistream_max_tokens
         self.spk2info: dict[str, dict[str, np.ndarray]] = {k: dict(v) for k, v in loaded.spk2info.items()}
         self._seed, self._calls = seed, itertools.count()
