@@ -103,6 +103,17 @@ def reinit_(module: torch.nn.Module, seed: int) -> None:
             p.copy_(randn(p.shape))
 
 
+@torch.no_grad()
+def scale_hift_(hift, f0_scale: float, post_scale: float) -> None:
+    """Re-drawn HiFT weights give f0 ~ 1 Hz (all unvoiced) and a clipped waveform; scaling the F0
+    classifier and ``conv_post`` puts the random model where a trained one works (voiced/unvoiced
+    mix, |audio| < 1)."""
+    hift.f0_predictor.classifier.weight.mul_(f0_scale)
+    hift.f0_predictor.classifier.bias.mul_(f0_scale)
+    hift.conv_post.parametrizations.weight.original0.mul_(post_scale)
+    hift.conv_post.bias.mul_(post_scale)
+
+
 def load_file_module(modname: str, path: str):
     spec = importlib.util.spec_from_file_location(modname, path)
     mod = importlib.util.module_from_spec(spec)

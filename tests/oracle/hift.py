@@ -12,7 +12,7 @@ import contextlib
 import numpy as np
 import torch
 
-from common import reinit_, state_dict_np, to_np, to_torch
+from common import reinit_, scale_hift_, state_dict_np, to_np, to_torch
 
 _MODELS: dict = {}
 
@@ -45,11 +45,7 @@ def model(seed: int = 0, base_channels: int = 512, cond_channels: int = 512, f0_
     if key not in _MODELS:
         m = _build(base_channels, cond_channels)
         reinit_(m, seed)
-        with torch.no_grad():
-            m.f0_predictor.classifier.weight.mul_(f0_scale)
-            m.f0_predictor.classifier.bias.mul_(f0_scale)
-            m.conv_post.parametrizations.weight.original0.mul_(post_scale)
-            m.conv_post.bias.mul_(post_scale)
+        scale_hift_(m, f0_scale, post_scale)
         m.eval()
         _MODELS[key] = m
     return _MODELS[key]

@@ -42,7 +42,7 @@ import types
 import numpy as np
 import torch
 
-from common import reinit_, to_np, to_torch
+from common import reinit_, scale_hift_, to_np, to_torch
 
 _PIPES: dict = {}
 
@@ -98,16 +98,6 @@ def write_qwen_dir(inputs, path: str, qwen: str, seed: int = 0, dtype: str = "fl
     return {"n_params": np.array(sum(p.numel() for p in model.parameters()))}
 
 
-@torch.no_grad()
-def _scale_hift(hift, f0_scale: float, post_scale: float) -> None:
-    """Re-drawn HiFT weights give f0 ~ 1 Hz (all unvoiced) and a clipped waveform; these scales
-    (the same as the ``hift`` oracle's ``f0_scale``/``post_scale``) put it where a trained model works: voiced/unvoiced mix, |audio| < 1."""
-    hift.f0_predictor.classifier.weight.mul_(f0_scale)
-    hift.f0_predictor.classifier.bias.mul_(f0_scale)
-    hift.conv_post.parametrizations.weight.original0.mul_(post_scale)
-    hift.conv_post.bias.mul_(post_scale)
-
-
 def make_weights(inputs, model_dir: str, seed: int = 0, f0_scale: float = 100.0, post_scale: float = 0.15,
                  hift_spelling: str = "weight_g"):
     """Build llm/flow/hift from ``<model_dir>/cosyvoice2.yaml`` with the official hyperpyyaml,
@@ -126,7 +116,7 @@ def make_weights(inputs, model_dir: str, seed: int = 0, f0_scale: float = 100.0,
         if name == "llm":
             _restore_rope(m.llm.model)
         if name == "hift":
-            _scale_hift(m, f0_scale, post_scale)
+            scale_hift_(m, f0_scale, post_scale)
         m.eval()
         sd = m.state_dict()
         if name == "hift" and hift_spelling == "weight_g":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common import reinit_, state_dict_np, to_np, to_torch
+from common import reinit_, scale_hift_, state_dict_np, to_np, to_torch
 
 
 def _sd(inputs):
@@ -90,11 +90,7 @@ def _gen(seed, base_channels, cond_channels, rk, rd, f0_scale, post_scale):
     if key not in _GENS:
         m = _build_gen(base_channels, cond_channels, rk, rd)
         reinit_(m, seed)
-        with torch.no_grad():
-            m.f0_predictor.classifier.weight.mul_(f0_scale)
-            m.f0_predictor.classifier.bias.mul_(f0_scale)
-            m.conv_post.parametrizations.weight.original0.mul_(post_scale)
-            m.conv_post.bias.mul_(post_scale)
+        scale_hift_(m, f0_scale, post_scale)
         m.eval()
         _GENS[key] = m
     return _GENS[key]
