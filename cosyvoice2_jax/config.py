@@ -84,7 +84,7 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LLMConfig:
     qwen: QwenConfig = QwenConfig()
     speech_token_size: int = 6561  # + eos (6561) + 2 specials; 6563 is the bistream fill token
     mix_ratio: tuple[int, int] = (5, 15)  # bistream text:speech interleave
@@ -219,7 +219,7 @@ class HiFTConfig:
 
 # ----------------------------------------------------------------------------------- tokenizer / speaker
 @dataclasses.dataclass(frozen=True)
-class SpeechTokenizerConfig:
+class TokenizerConfig:
     """S3TokenizerV2: Whisper-style encoder + FSQ, 25 tokens/s."""
 
     n_mels: int = 128
@@ -239,7 +239,7 @@ class SpeechTokenizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CampplusConfig:
+class SpeakerConfig:
     """CAM++ speaker encoder (3D-Speaker naming)."""
 
     feat_dim: int = 80
@@ -286,11 +286,11 @@ class StreamingConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     sample_rate: int = 24000
-    lm: LMConfig = LMConfig()
+    llm: LLMConfig = LLMConfig()
     flow: FlowConfig = FlowConfig()
     hift: HiFTConfig = HiFTConfig()
-    tokenizer: SpeechTokenizerConfig = SpeechTokenizerConfig()
-    campplus: CampplusConfig = CampplusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    speaker: SpeakerConfig = SpeakerConfig()
     mel: MelConfig = MelConfig()
     streaming: StreamingConfig = StreamingConfig()
 
@@ -304,7 +304,7 @@ class ModelConfig:
     def tiny(cls) -> "ModelConfig":
         """A small model with the same structure, for fast tests (seconds, not minutes)."""
         return cls(
-            lm=LMConfig(
+            llm=LLMConfig(
                 qwen=QwenConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=16),
@@ -319,8 +319,8 @@ class ModelConfig:
             ),
             hift=HiFTConfig(base_channels=64,
                             f0_predictor=F0PredictorConfig(cond_channels=64)),
-            tokenizer=SpeechTokenizerConfig(n_audio_state=128, n_audio_head=2, n_audio_layer=2),
-            campplus=CampplusConfig(block_layers=(2, 2, 2), growth_rate=16, init_channels=32),
+            tokenizer=TokenizerConfig(n_audio_state=128, n_audio_head=2, n_audio_layer=2),
+            speaker=SpeakerConfig(block_layers=(2, 2, 2), growth_rate=16, init_channels=32),
         )
 
     # ---- YAML
@@ -473,8 +473,26 @@ def load_yaml(cls: type, path: str | Path, overrides: Sequence[str] = ()) -> Any
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    cfg = from_dict(cls, data or {})
+    cfg = from_dict(cls, rename_legacy_keys(cls, data or {}))
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+# top-level ModelConfig keys of files written before the components had one name each
+LEGACY_KEYS = {"lm": "llm", "campplus": "speaker"}
+
+
+def rename_legacy_keys(cls: type, data: Any) -> Any:
+    """Files written by earlier versions (``lm:``, ``campplus:``) load under today's names
+    (``llm:``, ``speaker:``); a file holding both spellings of one section is an error."""
+    if cls is not ModelConfig or not isinstance(data, Mapping):
+        return data
+    out = dict(data)
+    for old, new in LEGACY_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"config has both '{old}' (the old name) and '{new}'; keep only '{new}'")
+            out[new] = out.pop(old)
+    return out
 
 
 def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:

@@ -88,7 +88,7 @@ def test_release_yaml_maps_onto_config(tmp_path):
     p = tmp_path / "cosyvoice2.yaml"
     p.write_text(YAML)
     c = R.config_from_release_yaml(p)
-    assert c.lm.sampling.top_k == 20 and c.lm.mix_ratio == (5, 15)
+    assert c.llm.sampling.top_k == 20 and c.llm.mix_ratio == (5, 15)
     assert c.flow.encoder.linear_units == 1024 and c.flow.encoder.num_blocks == 3
     assert c.flow.decoder.static_chunk_size == 50  # !ref <a> * <b> resolved
     assert c.flow.decoder.channels == (128,) and c.flow.decoder.num_decoding_left_chunks == 2
@@ -97,7 +97,7 @@ def test_release_yaml_maps_onto_config(tmp_path):
     assert c.hift.base_channels == 256 and c.hift.f0_predictor.cond_channels == 256
     assert c.hift.resblock_dilation_sizes == ((1, 3, 5),) * 3
     # unspecified values keep the official defaults
-    assert c.lm.qwen == ModelConfig.cosyvoice2().lm.qwen and c.hift.nsf_alpha == 0.1
+    assert c.llm.qwen == ModelConfig.cosyvoice2().llm.qwen and c.hift.nsf_alpha == 0.1
 
 
 def test_qwen_sizes_from_tokenizer_dir(tmp_path):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import LMConfig
+from ..config import LLMConfig
 from ..errors import CosyVoiceError
 from . import sampling as S
 from .modeling import Qwen2LM, cache_mask, compute_dtype
@@ -66,7 +66,7 @@ class DecodeState(NamedTuple):
     keys: jax.Array         # (B, 2) per-row PRNG keys
 
 
-def new_cache(cfg: LMConfig, batch: int, num_slots: int, dtype):
+def new_cache(cfg: LLMConfig, batch: int, num_slots: int, dtype):
     """Zero KV cache ``(k, v)``: stacked ``(L, B, S, K, H)`` with ``scan_layers``, else per-layer tuples."""
     q = cfg.qwen
     shape = (batch, num_slots, q.num_key_value_heads, q.head_dim)
@@ -101,7 +101,7 @@ class LMGenerator:
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: rows are split over it, params replicated.
     """
 
-    def __init__(self, cfg: LMConfig, params, *, sampling: str = "ras", quant: bool = False,
+    def __init__(self, cfg: LLMConfig, params, *, sampling: str = "ras", quant: bool = False,
                  steps_per_call: int = 8, text_bucket: int = 32, speech_bucket: int = 64,
                  cache_bucket: int = 512, batch_bucket: int = 1, max_trials: int = 100, mesh=None):
         if sampling not in ("ras", "greedy"):

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from ..config import (CFMConfig, FlowConfig, FlowDecoderConfig, FlowEncoderConfig, HiFTConfig, F0PredictorConfig,
-                      LMConfig, ModelConfig, SamplingConfig)
+                      LLMConfig, ModelConfig, SamplingConfig)
 from ..errors import ReleaseDirError
 
 REQUIRED_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx")
@@ -37,13 +37,14 @@ OPTIONAL_FILES = ("spk2info.pt",)
 class ReleasePaths:
     root: Path
     yaml: Path
-    llm: Path
-    flow: Path
-    hift: Path
-    campplus: Path
-    speech_tokenizer: Path
-    tokenizer_dir: Path
+    tokenizer_dir: Path          # the Qwen text tokenizer (CosyVoice-BlankEN)
     spk2info: Path | None
+
+    def file(self, component: str) -> Path:
+        """The release file of a component (``llm`` -> ``llm.pt``, ``speaker`` -> ``campplus.onnx``)."""
+        from .loading import component as package
+
+        return self.root / package(component).RELEASE_FILE
 
 
 def check_release_dir(model_dir: str | Path) -> ReleasePaths:
@@ -73,9 +74,7 @@ def check_release_dir(model_dir: str | Path) -> ReleasePaths:
             + f". Expected {', '.join(REQUIRED_FILES)}, {TOKENIZER_DIR}/ (and optionally spk2info.pt); "
             f"found: {present}")
     spk = root / "spk2info.pt"
-    return ReleasePaths(root, root / "cosyvoice2.yaml", root / "llm.pt", root / "flow.pt", root / "hift.pt",
-                        root / "campplus.onnx", root / "speech_tokenizer_v2.onnx", tok,
-                        spk if spk.is_file() else None)
+    return ReleasePaths(root, root / "cosyvoice2.yaml", tok, spk if spk.is_file() else None)
 
 
 # ----------------------------------------------------------------------------------- hyperpyyaml as data
@@ -170,7 +169,7 @@ def config_from_release_yaml(path: str | Path) -> ModelConfig:
     llm, flow, hift = y["llm"], y["flow"], y["hift"]
     samp = llm.get("sampling") or {}
     lm = dataclasses.replace(
-        base.lm, speech_token_size=int(_pick(llm, "speech_token_size", 6561)),
+        base.llm, speech_token_size=int(_pick(llm, "speech_token_size", 6561)),
         mix_ratio=tuple(_pick(llm, "mix_ratio", [5, 15])),
         length_normalized_loss=bool(_pick(llm, "length_normalized_loss", True)),
         lsm_weight=float(_pick(llm, "lsm_weight", 0.0)),
@@ -223,11 +222,11 @@ def config_from_release_yaml(path: str | Path) -> ModelConfig:
     return dataclasses.replace(base, sample_rate=int(y.get("sample_rate", 24000)), lm=lm, flow=fl, hift=hf)
 
 
-def qwen_config_from_dir(tokenizer_dir: str | Path, base: LMConfig | None = None) -> LMConfig:
+def qwen_config_from_dir(tokenizer_dir: str | Path, base: LLMConfig | None = None) -> LLMConfig:
     """Read the Qwen2 backbone sizes from ``CosyVoice-BlankEN/config.json`` (if present)."""
     import json
 
-    base = base or LMConfig()
+    base = base or LLMConfig()
     p = Path(tokenizer_dir) / "config.json"
     if not p.is_file():
         return base
