@@ -88,7 +88,7 @@ def _looks_multihost() -> bool:
 
 
 def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> Mesh:
-    """Build a ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types (see JAX_STACK pitfall 1)."""
+    """Build a ``('data', 'fsdp', 'tensor')`` mesh (Auto axis types: XLA propagates the shardings)."""
     if not isinstance(cfg, MeshConfig):
         cfg = MeshConfig(*cfg)
     devices = list(jax.devices() if devices is None else devices)

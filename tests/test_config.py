@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cosyvoice2_jax.config import (CFMConfig, ModelConfig, Solver, TScheduler, apply_overrides, from_dict,
                                    to_dict)
@@ -48,7 +49,7 @@ def test_official_yaml_gives_design_values():
     assert (mel.n_fft, mel.hop_size, mel.win_size, mel.num_mels, mel.fmin, mel.fmax, mel.sample_rate) == \
         (1920, 480, 1920, 80, 0, 8000, 24000)
     st = c.streaming
-    assert (st.token_hop_len, st.token_max_hop_len, st.pre_lookahead_len, st.mel_cache_len, st.source_cache_len) == \
+    assert (st.token_hop_len, st.token_max_hop_len, st.pre_lookahead_len, st.mel_cache_len, c.source_cache_len) == \
         (25, 100, 3, 8, 3840)
 
 
@@ -63,7 +64,7 @@ def test_shipped_yaml_files_are_current():
 
 
 def test_yaml_round_trip(tmp_path):
-    c = apply_overrides(ModelConfig.tiny(), ["flow.cfm.solver=heun", "hift.upsample_rates=[4,4,2]"])
+    c = apply_overrides(ModelConfig.tiny(), ["flow.cfm.solver=heun", "hift.upsample_kernel_sizes=[16,11,9]"])
     p = tmp_path / "c.yaml"
     c.to_yaml(p)
     assert ModelConfig.from_yaml(p) == c
@@ -113,3 +114,32 @@ def test_bad_overrides_and_files(tmp_path):
 def test_to_dict_is_plain():
     d = to_dict(CFMConfig())
     assert d["solver"] == "euler" and d["t_scheduler"] == "cosine"
+
+
+def test_old_files_load_under_new_names(tmp_path):
+    """Files written before the components had one name (``lm:``, ``campplus:``, a stated
+    ``streaming.source_cache_len``) still load; contradicting the derived value is an error."""
+    old = to_dict(ModelConfig.tiny())
+    old["lm"], old["campplus"] = old.pop("llm"), old.pop("speaker")
+    old["streaming"]["source_cache_len"] = 3840
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(old))
+    assert ModelConfig.from_yaml(p) == ModelConfig.tiny()
+    old["streaming"]["source_cache_len"] = 1000
+    p.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="source_cache_len = 1000 is no longer a setting"):
+        ModelConfig.from_yaml(p)
+    old["llm"] = old["lm"]
+    p.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="both 'lm'"):
+        ModelConfig.from_yaml(p)
+
+
+def test_shared_values_must_agree():
+    import dataclasses
+
+    c = ModelConfig.tiny()
+    with pytest.raises(ConfigError, match=r"flow.spk_embed_dim = 192 but speaker.embedding_size = 64"):
+        dataclasses.replace(c, speaker=dataclasses.replace(c.speaker, embedding_size=64))
+    with pytest.raises(ConfigError, match=r"hift.in_channels = 80 but flow.output_size = 100"):
+        apply_overrides(c, ["flow.output_size=100", "mel.num_mels=100"])

@@ -100,7 +100,7 @@ def test_full_size_shapes_eval_shape():
     assert qwen["layers_23"]["self_attn"]["k_proj"]["weight"].shape == (128, 896)
     assert qwen["layers_0"]["mlp"]["down_proj"]["weight"].shape == (896, 4864)
     assert tree["llm_decoder"]["weight"].shape == (6564, 896)
-    # 494.0M Qwen2.5-0.5B without the tied head + 2*6564*896 + 6564 + 2*896 (REPORT.md: 505.8M with it)
+    # 494.0M Qwen2.5-0.5B without the tied head + 2*6564*896 + 6564 + 2*896 (505.8M with it)
     assert n == 494_032_768 + 2 * 6564 * 896 + 6564 + 2 * 896
 
 

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import sharding
 from ..config import LLMConfig
 from ..errors import CosyVoiceError
 from . import sampling as S
@@ -115,13 +116,10 @@ class LMGenerator:
         self.max_trials = max_trials
         self.batch_bucket = batch_bucket
         self.mesh = mesh
-        if mesh is not None:  # data parallel: params replicated, rows split over the mesh's 'data' axis
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            n = mesh.shape["data"]
+        if mesh is not None:  # data parallel: params replicated, rows split over the mesh's batch axes
+            n = sharding.batch_size_multiple(mesh)
             self.batch_bucket = batch_bucket * n // np.gcd(batch_bucket, n)
-            self.params = jax.device_put(params, NamedSharding(mesh, P()))
-            self._row_sharding = lambda a: NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
+            self.params = sharding.place_replicated(params, mesh)
         self.dtype = compute_dtype(cfg.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=(0,))
         self.decode = jax.jit(self._decode, static_argnums=(0,), donate_argnums=(2,))
@@ -253,7 +251,7 @@ class LMGenerator:
                 key = jnp.concatenate([jnp.asarray(key), jnp.zeros((pad, 2), jnp.asarray(key).dtype)])
         slots, args = self._pack(requests, key)
         if self.mesh is not None:
-            args = tuple(jax.device_put(a, self._row_sharding(a)) for a in args)
+            args = tuple(sharding.place_rows(a, self.mesh) for a in args)
         st = self.prefill(slots, self.params, *args)
         while True:
             st, toks = self.decode(self.steps_per_call, self.params, st)

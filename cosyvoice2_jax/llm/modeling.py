@@ -15,7 +15,7 @@ Parameter tree (mirrors the torch state-dict names so ``params.py`` stays a shor
 
 With ``scan_layers`` the layers live under ``layers/`` with a leading layer axis instead.
 Linear weights keep the torch layout ``(out, in)`` and are contracted with ``dot_general`` on
-dim 1 of both operands: on XLA:CPU this is the fastest GEMV layout (notes/CPU_PERF.md). The tied
+dim 1 of both operands: on XLA:CPU this is the fastest GEMV layout (docs/performance.md). The tied
 ``lm_head`` is not a parameter: CosyVoice only uses the backbone's last hidden state.
 
 Shapes: B batch, T query positions, S key/cache slots, D model dim, N query heads, K kv heads,

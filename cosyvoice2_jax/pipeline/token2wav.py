@@ -9,7 +9,7 @@ The official runtime (``CosyVoice2Model.token2wav`` / ``tts`` in ``cosyvoice/cli
   ``stream_scale_factor`` up to ``token_max_hop_len`` (HEAD; the 2025 pip snapshot keeps 25). Each
   chunk's mel is vocoded together with the last ``mel_cache_len`` mel frames of the previous chunk;
   the previous source tail is forced into the new source (``cache_source``); the last
-  ``source_cache_len`` samples are held back and cross-faded (Hamming window) into the next chunk.
+  ``source_cache_len`` (= ``mel_cache_len`` frames) samples are held back and cross-faded (Hamming window) into the next chunk.
   The final chunk runs the flow *without* chunk masks (the official passes no ``streaming`` flag
   there) over all tokens and keeps the frames after the offset.
 
@@ -113,7 +113,8 @@ class Token2Wav:
         hop = next(hops)
         tokens: list[int] = []
         offset = 0
-        window = hamming(2 * s.source_cache_len)
+        src_cache = self.cfg.source_cache_len
+        window = hamming(2 * src_cache)
         hift_cache: Optional[dict] = None
         keys = iter(jax.random.split(key, 1 << 12))
         use_cache = self.flow_cache
@@ -132,9 +133,9 @@ class Token2Wav:
                 audio = fade_in_out(audio, hift_cache["speech"], window)
             if finalize:
                 return audio
-            hift_cache = {"mel": mel[-s.mel_cache_len:], "source": source[-s.source_cache_len:],
-                          "speech": audio[-s.source_cache_len:]}
-            return audio[: -s.source_cache_len]
+            hift_cache = {"mel": mel[-s.mel_cache_len:], "source": source[-src_cache:],
+                          "speech": audio[-src_cache:]}
+            return audio[: -src_cache]
 
         for new in token_source:
             tokens.extend(int(t) for t in new)
