@@ -91,7 +91,7 @@ def test_dpo_objective_matches_official_logps_and_loss(official, oracle):
 
     bi = bistream_from_uniforms(jnp.asarray(u_dpo), jnp.concatenate([jb["text_token_len"]] * 2),
                                 jnp.concatenate([jb["speech_token_len"], jb["reject_speech_token_len"]]), CFG.mix_ratio)
-    chosen, rejected, _, _ = obj._logps(official, jb, bi)
+    chosen, rejected, _ = obj.logps(official, jb, bi)
     np.testing.assert_allclose(np.asarray(chosen), ref["dpo_chosen_logps"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(rejected), ref["dpo_rejected_logps"], rtol=2e-5, atol=2e-5)
     # DPOLoss formula, hand-derived: -log(sigmoid(beta * ((c - r) - (rc - rr))))

@@ -122,7 +122,8 @@ def is_converted(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _save_spk2info(path: Path, spk2info: dict) -> None:
+def save_spk2info(path: Path, spk2info: dict) -> None:
+    """Speakers as one ``.npz`` of flattened arrays (written to a temp file, then renamed)."""
     flat = {}
     for spk, info in spk2info.items():
         for k, v in info.items():
@@ -132,7 +133,8 @@ def _save_spk2info(path: Path, spk2info: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_spk2info(path: Path) -> dict:
+def load_spk2info(path: Path) -> dict:
+    """Inverse of :func:`save_spk2info` (empty when the file does not exist)."""
     if not path.is_file():
         return {}
     out: dict[str, dict] = {}
@@ -163,7 +165,7 @@ def write_converted(out: Path, cfg: ModelConfig, params: dict, spk2info: dict, p
     with ocp.StandardCheckpointer() as ck:
         ck.save(tmp / "params", {k: params[k] for k in COMPONENTS})
         ck.wait_until_finished()
-    _save_spk2info(tmp / "spk2info.npz", spk2info)
+    save_spk2info(tmp / "spk2info.npz", spk2info)
     shutil.copytree(paths.tokenizer_dir, tmp / TOKENIZER_DIR)
     shutil.copy2(paths.yaml, tmp / "cosyvoice2.yaml")
     meta = {"format": FORMAT, "source": str(paths.root.absolute()), "fingerprint": fingerprint(paths),
@@ -192,7 +194,7 @@ def read_converted(path: Path) -> Loaded:
     stored = {k: (_FORMAT1_KEYS.get(k, k) if fmt == 1 else k) for k in COMPONENTS}
     params = {k: params[stored[k]] for k in COMPONENTS}
     src = Path(meta["source"]) if meta.get("source") else None
-    return Loaded(cfg, params, path / TOKENIZER_DIR, _load_spk2info(path / "spk2info.npz"), src,
+    return Loaded(cfg, params, path / TOKENIZER_DIR, load_spk2info(path / "spk2info.npz"), src,
                   {"restore_s": time.perf_counter() - t0})
 
 

@@ -158,7 +158,7 @@ class CosyVoice2:
     def save_spkinfo(self, path: str | Path | None = None, *, overwrite: bool = True) -> Path:
         """Write the speakers to ``path`` (default ``spk2info.npz`` next to the release). The release's
         ``spk2info.pt`` is not touched; ``from_pretrained`` reads the ``.npz`` back when present."""
-        from .loading import _save_spk2info
+        from .loading import save_spk2info
 
         if path is None:
             if self.model_dir is None:
@@ -167,13 +167,13 @@ class CosyVoice2:
         path = Path(path)
         if path.exists() and not overwrite:
             raise ModeError(f"{path} exists; pass overwrite=True to replace it")
-        _save_spk2info(path, self.spk2info)
+        save_spk2info(path, self.spk2info)
         return path
 
     def load_spkinfo(self, path: str | Path) -> None:
-        from .loading import _load_spk2info
+        from .loading import load_spk2info
 
-        self.spk2info.update(_load_spk2info(Path(path)))
+        self.spk2info.update(load_spk2info(Path(path)))
 
     # ------------------------------------------------------------------------------- inputs
     def _key(self, key):

@@ -91,7 +91,8 @@ class DPOObjective:
         return {"policy": jax.tree.map(lambda _: True, params["policy"]),
                 "ref": jax.tree.map(lambda _: False, params["ref"])}
 
-    def _logps(self, params, batch, bistream2):
+    def logps(self, params, batch, bistream2):
+        """Mean target log-probs of the chosen and rejected rows, and the chosen rows' forward."""
         return dpo_logps(self.model, params, batch, bistream2, official_mask=self.official_mask,
                          valid_b=batch["valid"])
 
@@ -99,9 +100,9 @@ class DPOObjective:
         bistream = _bistream(rng, batch, jnp.concatenate([batch["text_token_len"]] * 2),
                              jnp.concatenate([batch["speech_token_len"], batch["reject_speech_token_len"]]),
                              self.cfg, self.bistream_prob)
-        chosen, rejected, out = self._logps(params["policy"], batch, bistream)
+        chosen, rejected, out = self.logps(params["policy"], batch, bistream)
         ref = jax.lax.stop_gradient(params["ref"])
-        ref_chosen, ref_rejected, _ = self._logps(ref, batch, bistream)
+        ref_chosen, ref_rejected, _ = self.logps(ref, batch, bistream)
         sft, acc = ce_loss(out["logits"], out["lm_target"], self.cfg.lsm_weight, self.cfg.length_normalized_loss)
         valid = batch["valid"].astype(jnp.float32)
         n = jnp.maximum(valid.sum(), 1.0)
