@@ -126,3 +126,33 @@ def test_release_dir_errors_list_everything(tmp_path):
     bad.write_text("sample_rate: 24000\n")
     with pytest.raises(ReleaseDirError, match="no 'llm' section"):
         R.config_from_release_yaml(bad)
+
+
+def test_converted_dir_of_format_1_reads_under_todays_names(tmp_path):
+    """Converted directories (and caches) written before the components had one name each
+    (format 1: params ``speech_tokenizer`` / ``campplus``, config ``lm:`` / ``campplus:``) load."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+    import yaml
+
+    from cosyvoice2_jax.config import to_dict
+    from cosyvoice2_jax.pipeline import loading as L
+
+    out = tmp_path / "old"
+    out.mkdir()
+    cfg = to_dict(ModelConfig.tiny())
+    cfg["lm"], cfg["campplus"] = cfg.pop("llm"), cfg.pop("speaker")
+    cfg["streaming"]["source_cache_len"] = 3840
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    old_keys = ("llm", "flow", "hift", "speech_tokenizer", "campplus")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(out / "params", {k: {"w": np.full((2,), i, np.float32)} for i, k in enumerate(old_keys)})
+        ck.wait_until_finished()
+    (out / L.MARKER).write_text(json.dumps({"format": 1, "source": ""}))
+    loaded = L.read_converted(out)
+    assert loaded.config == ModelConfig.tiny()
+    assert list(loaded.params) == list(L.COMPONENTS)
+    assert [float(loaded.params[k]["w"][0]) for k in L.COMPONENTS] == [0, 1, 2, 3, 4]
+    (out / L.MARKER).write_text(json.dumps({"format": 0, "source": ""}))
+    with pytest.raises(ReleaseDirError, match="another cosyvoice2_jax format"):
+        L.read_converted(out)
