@@ -1,10 +1,17 @@
 """Frozen dataclass configs for every CosyVoice 2 component, with presets and YAML I/O.
 
 ``ModelConfig.cosyvoice2()`` holds the official hyperparameters of the release
-(``examples/libritts/cosyvoice2/conf/cosyvoice2.yaml``, see DESIGN.md section 5);
+(``examples/libritts/cosyvoice2/conf/cosyvoice2.yaml``, see docs/architecture.md);
 ``ModelConfig.tiny()`` is a small model for fast tests. ``configs/*.yaml`` map 1:1 onto these
 dataclasses: unknown keys and wrong types raise :class:`ConfigError` naming the dotted key, and
 ``apply_overrides(cfg, ["flow.cfm.inference_cfg_rate=0.5"])`` implements the CLI's ``--set``.
+
+One config field per component, named like its package and its params key: ``llm``, ``flow``,
+``hift``, ``tokenizer``, ``speaker``. A value that one component produces and another reads (the
+mel size, the speaker embedding size, the speech vocabulary, sample rate and hop) is stated in
+each sub-config, since each model is built from its own; :class:`ModelConfig` checks that they
+agree, and values that follow from others are properties (``HiFTConfig.hop_size``,
+``ModelConfig.source_cache_len``, ``LLMConfig.speech_vocab``).
 """
 from __future__ import annotations
 
@@ -84,7 +91,7 @@ class SamplingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMConfig:
+class LLMConfig:
     qwen: QwenConfig = QwenConfig()
     speech_token_size: int = 6561  # + eos (6561) + 2 specials; 6563 is the bistream fill token
     mix_ratio: tuple[int, int] = (5, 15)  # bistream text:speech interleave
@@ -219,7 +226,7 @@ class HiFTConfig:
 
 # ----------------------------------------------------------------------------------- tokenizer / speaker
 @dataclasses.dataclass(frozen=True)
-class SpeechTokenizerConfig:
+class TokenizerConfig:
     """S3TokenizerV2: Whisper-style encoder + FSQ, 25 tokens/s."""
 
     n_mels: int = 128
@@ -239,7 +246,7 @@ class SpeechTokenizerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CampplusConfig:
+class SpeakerConfig:
     """CAM++ speaker encoder (3D-Speaker naming)."""
 
     feat_dim: int = 80
@@ -278,21 +285,48 @@ class StreamingConfig:
     stream_scale_factor: int = 2
     pre_lookahead_len: int = 3
     mel_cache_len: int = 8  # frames
-    source_cache_len: int = 8 * 480  # samples
-    # Hamming fade window over 2 * source_cache_len samples
+    # the source/audio tail held back per chunk is mel_cache_len frames of samples
+    # (ModelConfig.source_cache_len); the Hamming fade window spans twice that
+
 
 
 # ----------------------------------------------------------------------------------- whole model
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     sample_rate: int = 24000
-    lm: LMConfig = LMConfig()
+    llm: LLMConfig = LLMConfig()
     flow: FlowConfig = FlowConfig()
     hift: HiFTConfig = HiFTConfig()
-    tokenizer: SpeechTokenizerConfig = SpeechTokenizerConfig()
-    campplus: CampplusConfig = CampplusConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    speaker: SpeakerConfig = SpeakerConfig()
     mel: MelConfig = MelConfig()
     streaming: StreamingConfig = StreamingConfig()
+
+    def __post_init__(self):
+        problems = [f"{a} = {va!r} but {b} = {vb!r}" for a, va, b, vb in self._shared_values() if va != vb]
+        if problems:
+            raise ConfigError("inconsistent config (values that one component produces and another reads "
+                              "must agree): " + "; ".join(problems))
+
+    def _shared_values(self):
+        """Values set in one component's config and read by another, which must agree."""
+        return (
+            ("mel.sample_rate", self.mel.sample_rate, "sample_rate", self.sample_rate),
+            ("hift.sampling_rate", self.hift.sampling_rate, "sample_rate", self.sample_rate),
+            ("mel.hop_size", self.mel.hop_size, "hift.hop_size", self.hift.hop_size),
+            ("mel.num_mels", self.mel.num_mels, "flow.output_size", self.flow.output_size),
+            ("hift.in_channels", self.hift.in_channels, "flow.output_size", self.flow.output_size),
+            ("flow.spk_embed_dim", self.flow.spk_embed_dim, "speaker.embedding_size", self.speaker.embedding_size),
+            ("flow.vocab_size", self.flow.vocab_size, "llm.speech_token_size", self.llm.speech_token_size),
+            ("tokenizer.codebook_size", self.tokenizer.codebook_size, "llm.speech_token_size",
+             self.llm.speech_token_size),
+        )
+
+    @property
+    def source_cache_len(self) -> int:
+        """Samples of HiFT source / audio carried between streaming chunks: the waveform of
+        ``streaming.mel_cache_len`` mel frames (official ``mel_cache_len * 480``)."""
+        return self.streaming.mel_cache_len * self.hift.hop_size
 
     # ---- presets
     @classmethod
@@ -304,7 +338,7 @@ class ModelConfig:
     def tiny(cls) -> "ModelConfig":
         """A small model with the same structure, for fast tests (seconds, not minutes)."""
         return cls(
-            lm=LMConfig(
+            llm=LLMConfig(
                 qwen=QwenConfig(vocab_size=1024, hidden_size=64, intermediate_size=128,
                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                 head_dim=16),
@@ -319,8 +353,8 @@ class ModelConfig:
             ),
             hift=HiFTConfig(base_channels=64,
                             f0_predictor=F0PredictorConfig(cond_channels=64)),
-            tokenizer=SpeechTokenizerConfig(n_audio_state=128, n_audio_head=2, n_audio_layer=2),
-            campplus=CampplusConfig(block_layers=(2, 2, 2), growth_rate=16, init_channels=32),
+            tokenizer=TokenizerConfig(n_audio_state=128, n_audio_head=2, n_audio_layer=2),
+            speaker=SpeakerConfig(block_layers=(2, 2, 2), growth_rate=16, init_channels=32),
         )
 
     # ---- YAML
@@ -473,8 +507,36 @@ def load_yaml(cls: type, path: str | Path, overrides: Sequence[str] = ()) -> Any
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-    cfg = from_dict(cls, data or {})
+    cfg = from_dict(cls, rename_legacy_keys(cls, data or {}))
     return apply_overrides(cfg, overrides) if overrides else cfg
+
+
+# top-level ModelConfig keys of files written before the components had one name each
+LEGACY_KEYS = {"lm": "llm", "campplus": "speaker"}
+
+
+def rename_legacy_keys(cls: type, data: Any) -> Any:
+    """Files written by earlier versions (``lm:``, ``campplus:``) load under today's names
+    (``llm:``, ``speaker:``); a file holding both spellings of one section is an error."""
+    if cls is not ModelConfig or not isinstance(data, Mapping):
+        return data
+    out = dict(data)
+    for old, new in LEGACY_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"config has both '{old}' (the old name) and '{new}'; keep only '{new}'")
+            out[new] = out.pop(old)
+    streaming = out.get("streaming")
+    if isinstance(streaming, Mapping) and "source_cache_len" in streaming:  # now derived
+        streaming = dict(streaming)
+        old_len = streaming.pop("source_cache_len")
+        mel_cache = streaming.get("mel_cache_len", StreamingConfig.mel_cache_len)
+        hop = from_dict(HiFTConfig, out.get("hift") or {}).hop_size
+        if old_len != mel_cache * hop:
+            raise ConfigError(f"streaming.source_cache_len = {old_len} is no longer a setting: it is "
+                              f"streaming.mel_cache_len x the HiFT hop ({mel_cache} x {hop}); remove it")
+        out["streaming"] = streaming
+    return out
 
 
 def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:

@@ -257,3 +257,36 @@ def weight_norm_fold(g: Array, v: Array, axes: Sequence[int]) -> Array:
     """``w = g * v / ||v||`` with the norm over ``axes`` (numpy or jax arrays)."""
     xp = np if isinstance(v, np.ndarray) else __import__("jax.numpy", fromlist=["numpy"])
     return g * v / xp.sqrt(xp.sum(v * v, axis=tuple(axes), keepdims=True))
+
+
+# ----------------------------------------------------------------------------------- ONNX
+def load_onnx(path_or_model):
+    """``(onnx.ModelProto, onnx.numpy_helper)`` for a path or an already loaded model."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise ConversionError("reading an ONNX file needs the `onnx` package: pip install onnx") from None
+    if isinstance(path_or_model, (str, Path)):
+        p = Path(path_or_model)
+        if not p.is_file():
+            raise ReleaseDirError(f"ONNX file {p} does not exist (the release ships campplus.onnx and "
+                                  "speech_tokenizer_v2.onnx next to llm.pt / flow.pt / hift.pt)")
+        try:
+            model = onnx.load(str(p))
+        except Exception as e:
+            raise ConversionError(f"could not parse {p} as ONNX: {e}") from None
+    else:
+        model = path_or_model
+    return model, numpy_helper
+
+
+def onnx_constants(model, numpy_helper) -> dict[str, np.ndarray]:
+    """Initializers plus ``Constant`` node outputs, by tensor name."""
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+    return consts

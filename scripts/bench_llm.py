@@ -97,7 +97,7 @@ def main():
     ap.add_argument("--skip-fp32", action="store_true")
     ap.add_argument("--skip-int8", action="store_true")
     a = ap.parse_args()
-    cfg = ModelConfig.cosyvoice2().lm
+    cfg = ModelConfig.cosyvoice2().llm
     out = {"config": "cosyvoice2-0.5b (random weights)", "loadavg_1m_start": os.getloadavg()[0], "prompt_len": a.prompt_text + a.prompt_speech + 2,
            "decode_steps_timed": a.tokens, "repeats": a.repeats, "jax": jax.__version__,
            "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}

@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cosyvoice2_jax.config import ModelConfig  # noqa: E402
-from cosyvoice2_jax.train import mesh as M  # noqa: E402
+from cosyvoice2_jax import sharding as M  # noqa: E402
 from cosyvoice2_jax.train import trainer as TR  # noqa: E402
 from cosyvoice2_jax.train.optim import OptimConfig, make_optimizer  # noqa: E402
 
@@ -78,8 +78,8 @@ def speed(args):
     rows = 8
     gan = GANConfig() if args.hift_disc == "full" else GANConfig(
         mpd_periods=(7,), mrd_fft_sizes=(512,), mrd_hop_sizes=(50,), mrd_win_lengths=(240,))
-    cases = {"lm": (LMObjective(cfg.lm), lm_batch(rows, 32, 100)),
-             "dpo": (DPOObjective(cfg.lm), lm_batch(rows, 32, 100, reject=True)),
+    cases = {"lm": (LMObjective(cfg.llm), lm_batch(rows, 32, 100)),
+             "dpo": (DPOObjective(cfg.llm), lm_batch(rows, 32, 100, reject=True)),
              "flow": (FlowObjective(cfg.flow), flow_batch(rows, 100)),
              "hift": (HiFTGANObjective(cfg.hift, gan), hift_batch(rows))}
     if args.only:
@@ -113,7 +113,7 @@ def speed(args):
 def memory(args):
     from cosyvoice2_jax.train.lm import LMObjective
 
-    cfg = ModelConfig.cosyvoice2().lm
+    cfg = ModelConfig.cosyvoice2().llm
     obj = LMObjective(cfg)
     tx = make_optimizer(OptimConfig(lr=1e-5))
     key = jax.random.key(0)

@@ -43,31 +43,22 @@ def read_utt2spk(path: Path, items) -> dict[str, str]:
 
 
 def main(argv=None):
-    from cosyvoice2_jax.frontend import extract as X
+    from cosyvoice2_jax.train import extract as X
 
     ap = X.build_parser(__doc__.split("\n\n")[0], "data dir with wav.scp and utt2spk",
                         "fbank frames are padded to a multiple of this")
     ap.add_argument("--utt2spk", help="utt2spk file (default: DIR/utt2spk; none: one speaker per utterance)")
     args, items = X.parse(ap, argv)
 
-    import jax
-    import jax.numpy as jnp
-
-    from cosyvoice2_jax.config import CampplusConfig
+    from cosyvoice2_jax.config import SpeakerConfig
     from cosyvoice2_jax.frontend.audio import kaldi_fbank
-    from cosyvoice2_jax.frontend.datalist import save_mapping
-    from cosyvoice2_jax.speaker import params as sparams
-    from cosyvoice2_jax.speaker.modeling import CAMPPlus, SpeakerEncoder
+    from cosyvoice2_jax.speaker import SpeakerEncoder
+    from cosyvoice2_jax.train.datalist import save_mapping
 
     spk_file = Path(args.utt2spk) if args.utt2spk else (Path(args.dir) / "utt2spk" if args.dir else None)
     utt2spk = read_utt2spk(spk_file, items)
-    config = CampplusConfig()
-    params = X.load_weights(
-        args, onnx_name="campplus.onnx",
-        init=lambda seed: CAMPPlus(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, config.feat_dim)),
-                                                jnp.array([16]))["params"],
-        from_torch=lambda sd: sparams.from_torch_state_dict(sd, config),
-        from_onnx=lambda path: sparams.from_onnx(path, config))
+    config = SpeakerConfig()
+    params, config = X.load_weights(args, "speaker", config)
     enc = SpeakerEncoder(params, config, frame_bucket=args.frame_bucket, max_batch=args.batch_size)
     utt2emb, stats = X.run(items, kaldi_fbank, enc.embed, args.batch_size, "embeddings", args.bench)
     spk2list: dict[str, list] = {}

@@ -35,27 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None):
-    from cosyvoice2_jax.frontend import extract as X
+    from cosyvoice2_jax.train import extract as X
 
     ap = X.build_parser(__doc__.split("\n\n")[0], "data dir with wav.scp", "mel frames are padded to a multiple of this")
     args, items = X.parse(ap, argv)
 
-    import jax
-    import jax.numpy as jnp
-
-    from cosyvoice2_jax.config import SpeechTokenizerConfig
+    from cosyvoice2_jax.config import TokenizerConfig
     from cosyvoice2_jax.frontend.audio import whisper_log_mel
-    from cosyvoice2_jax.frontend.datalist import save_mapping
-    from cosyvoice2_jax.tokenizer import params as tparams
-    from cosyvoice2_jax.tokenizer.modeling import S3TokenizerV2, SpeechTokenizer
+    from cosyvoice2_jax.tokenizer import SpeechTokenizer
+    from cosyvoice2_jax.train.datalist import save_mapping
 
-    config = SpeechTokenizerConfig()
-    params = X.load_weights(
-        args, onnx_name="speech_tokenizer_v2.onnx",
-        init=lambda seed: S3TokenizerV2(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, config.n_mels)),
-                                                     jnp.array([16]))["params"],
-        from_torch=lambda sd: tparams.from_torch_state_dict(sd, config),
-        from_onnx=lambda path: tparams.from_onnx(path, config))
+    config = TokenizerConfig()
+    params, config = X.load_weights(args, "tokenizer", config)
     tok = SpeechTokenizer(params, config, frame_bucket=args.frame_bucket, max_batch=args.batch_size)
     utt2token, stats = X.run(items, whisper_log_mel, tok.tokenize, args.batch_size, "speech tokens", args.bench)
     written = save_mapping(Path(args.out or args.dir), "utt2speech_token", utt2token, lambda v: [int(i) for i in v])

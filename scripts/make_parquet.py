@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def _read_kv(path: Path) -> dict[str, str]:
-    from cosyvoice2_jax.frontend.datalist import read_kv
+    from cosyvoice2_jax.train.datalist import read_kv
 
     return read_kv(path)
 
 
-from cosyvoice2_jax.frontend.datalist import AUDIO_EXT  # noqa: E402
+from cosyvoice2_jax.train.datalist import AUDIO_EXT  # noqa: E402
 
 
 def collect(args) -> tuple[list[str], dict, dict, dict, dict]:

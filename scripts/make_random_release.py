@@ -314,7 +314,7 @@ def make_release(out_dir: str | Path, size: str = "tiny", seed: int = 0, overwri
         steps[name] = round(time.perf_counter() - t, 2)
         return r
     try:
-        from cosyvoice2_jax.frontend.toy_tokenizer import write_toy_qwen_tokenizer
+        from toy_tokenizer import write_toy_qwen_tokenizer
 
         blank = out / "CosyVoice-BlankEN"
         step("tokenizer", write_toy_qwen_tokenizer, blank)

@@ -5,6 +5,8 @@
 * ``oracle`` fixture: the official PyTorch code in its own venv (see tests/oracle_client.py).
   Tests that use it skip with the reason when the oracle venv is absent, unless
   ``COSYVOICE2_REQUIRE_ORACLE=1`` (set by .ci/run), where a missing oracle is an error.
+* ``compiles``: names of the XLA programs compiled so far (jax's compile events), to check that
+  bucketed entry points do not recompile; library code keeps no test counters.
 * ``real_wavs``: real speech for front-end tests (``../shared/audio`` of the team checkout, and
   the two wavs the s3tokenizer package ships, found through the oracle).
 """
@@ -29,6 +31,30 @@ sys.path.insert(0, str(TESTS))
 from oracle_client import Oracle, OracleUnavailable  # noqa: E402
 
 REQUIRE_ORACLE = os.environ.get("COSYVOICE2_REQUIRE_ORACLE") == "1"
+
+_COMPILED: list[str] = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, _secs, **kw: _COMPILED.append(kw.get("fun_name", "?"))
+    if event == "/jax/core/compile/backend_compile_duration" else None)
+
+
+class CompileLog:
+    """``log.mark()`` then ``log.since()``: the programs XLA compiled in between (e.g.
+    ``['jit(_solve_packed)']``); eager one-op programs (``jit(broadcast_in_dim)``) included."""
+
+    def __init__(self):
+        self._mark = len(_COMPILED)
+
+    def mark(self) -> None:
+        self._mark = len(_COMPILED)
+
+    def since(self) -> list[str]:
+        return list(_COMPILED[self._mark:])
+
+
+@pytest.fixture
+def compiles() -> CompileLog:
+    return CompileLog()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -8,7 +8,7 @@ import numpy as np
 
 from cosyvoice2_jax.config import ModelConfig
 from cosyvoice2_jax.flow import modeling as flow_model
-from cosyvoice2_jax.frontend.toy_tokenizer import write_toy_qwen_tokenizer
+from toy_tokenizer import write_toy_qwen_tokenizer
 from cosyvoice2_jax.hift import params as hift_params
 from cosyvoice2_jax.llm import modeling as llm_model
 from cosyvoice2_jax.pipeline.loading import Loaded
@@ -39,11 +39,11 @@ def toy_loaded(tmp: Path, seed: int = 0, spk: bool = True) -> Loaded:
     cfg = ModelConfig.tiny()
     tok_dir = write_toy_qwen_tokenizer(Path(tmp) / "CosyVoice-BlankEN")
     params = {
-        "llm": llm_model.init_params(cfg.lm, jax.random.PRNGKey(seed)),
+        "llm": llm_model.init_params(cfg.llm, jax.random.PRNGKey(seed)),
         "flow": flow_model.init_params(cfg.flow, jax.random.PRNGKey(seed + 1)),
         "hift": _fill(hift_params.abstract_params(cfg.hift), seed + 2),
-        "speech_tokenizer": _fill(tok_params.abstract_params(cfg.tokenizer), seed + 3),
-        "campplus": _fill(spk_params.abstract_params(cfg.campplus), seed + 4),
+        "tokenizer": _fill(tok_params.abstract_params(cfg.tokenizer), seed + 3),
+        "speaker": _fill(spk_params.abstract_params(cfg.speaker), seed + 4),
     }
     params = jax.tree.map(np.asarray, params)
     spk2info = {"spk_a": {"embedding": np.random.default_rng(seed).standard_normal(192).astype(np.float32)}} if spk else {}

@@ -2,7 +2,7 @@
 re-drawn variance-preserving), plus invariants, converter round trip and compile counts.
 
 Run: ``.venv/bin/python -m pytest tests/test_flow.py -q`` (full-size parity:
-``-m slow tests/test_flow_full.py``).
+``-m slow tests/test_flow_slow.py``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Audio front end vs the official feature functions, on real speech.
 
 Bounds: log features must match the official torch float32 code within 1e-4 max abs error
-(DESIGN.md section 6), except where a bound below says why it is looser.
+(docs/parity.md), except where a bound below says why it is looser.
 """
 from __future__ import annotations
 

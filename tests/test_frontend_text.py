@@ -6,7 +6,7 @@ import pytest
 
 from cosyvoice2_jax.errors import TextError
 from cosyvoice2_jax.frontend import text as T
-from cosyvoice2_jax.frontend.toy_tokenizer import DEFAULT_CORPUS, write_toy_qwen_tokenizer
+from toy_tokenizer import DEFAULT_CORPUS, write_toy_qwen_tokenizer
 
 LONG_ZH = ("在那遥远的小山村里，住着一位年迈的老人。他每天清晨都会去村口的大树下坐一坐，看着太阳慢慢升起。"
            "村里的孩子们都很喜欢他，因为他总是会讲许多有趣的故事。有一天，一个小女孩问他：“爷爷，您为什么每天都来这里？”"

@@ -14,17 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cosyvoice2_jax.config import LMConfig, ModelConfig
+from cosyvoice2_jax.config import LLMConfig, ModelConfig
 from cosyvoice2_jax.errors import ConversionError
 from cosyvoice2_jax.llm import modeling as M
+from cosyvoice2_jax.llm import objectives as O
 from cosyvoice2_jax.llm import params as P
 from oracle_client import unflatten_state_dict
 
-CFG = ModelConfig.tiny().lm
+CFG = ModelConfig.tiny().llm
 SEED = 3
 
 
-def qwen_json(cfg: LMConfig) -> str:
+def qwen_json(cfg: LLMConfig) -> str:
     q = cfg.qwen
     return json.dumps(dict(vocab_size=q.vocab_size, hidden_size=q.hidden_size,
                            intermediate_size=q.intermediate_size, num_hidden_layers=q.num_hidden_layers,
@@ -40,7 +41,7 @@ def official_sd(oracle):
 
 @pytest.fixture(scope="module")
 def params(official_sd):
-    return P.load_params(official_sd, CFG)
+    return P.from_release(official_sd, CFG)
 
 
 def _batch(rng, b=4, lmax=9, smax=40):
@@ -91,7 +92,7 @@ def test_logical_axes_on_every_param():
 
 
 def test_full_size_shapes_eval_shape():
-    cfg = ModelConfig.cosyvoice2().lm
+    cfg = ModelConfig.cosyvoice2().llm
     tree = M.abstract_params(cfg)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     qwen = tree["llm"]["model"]["model"]
@@ -99,21 +100,21 @@ def test_full_size_shapes_eval_shape():
     assert qwen["layers_23"]["self_attn"]["k_proj"]["weight"].shape == (128, 896)
     assert qwen["layers_0"]["mlp"]["down_proj"]["weight"].shape == (896, 4864)
     assert tree["llm_decoder"]["weight"].shape == (6564, 896)
-    # 494.0M Qwen2.5-0.5B without the tied head + 2*6564*896 + 6564 + 2*896 (REPORT.md: 505.8M with it)
+    # 494.0M Qwen2.5-0.5B without the tied head + 2*6564*896 + 6564 + 2*896 (505.8M with it)
     assert n == 494_032_768 + 2 * 6564 * 896 + 6564 + 2 * 896
 
 
 # ----------------------------------------------------------------------------------- converter
 def test_converter_round_trip_is_identity(official_sd, params):
     sd = {k: np.asarray(v) for k, v in official_sd.items()}
-    back = P.export_state_dict(params, CFG)
+    back = P.to_release(params, CFG)
     assert sorted(back) == sorted(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
     # scanned layout converts too
     cfg_s = dataclasses.replace(CFG, scan_layers=True)
-    ps = P.load_params(sd, cfg_s)
-    back_s = P.export_state_dict(ps, cfg_s)
+    ps = P.from_release(sd, cfg_s)
+    back_s = P.to_release(ps, cfg_s)
     assert all(np.array_equal(back_s[k], sd[k]) for k in sd)
 
 
@@ -125,7 +126,7 @@ def test_converter_is_strict(official_sd):
     bad["llm_decoder.bias"] = np.zeros(5, np.float32)
     with pytest.raises(ConversionError, match=r"(?s)unexpected.*llm\.extra\.weight.*missing.*"
                                               r"layers_1/mlp/up_proj/weight.*shape mismatch.*llm_decoder/bias"):
-        P.load_params(bad, CFG)
+        P.from_release(bad, CFG)
 
 
 # ----------------------------------------------------------------------------------- Qwen2LM forward
@@ -151,8 +152,8 @@ def lm_ref(oracle, lm_batch):
     return out, u, u_dpo
 
 
-_forward = jax.jit(lambda p, b, bi, t: M.lm_forward(M.Qwen2LM(CFG), p, b, bi, t), static_argnums=3)
-_forward_dpo = jax.jit(lambda p, b, bi, t, m: M.lm_forward_dpo(M.Qwen2LM(CFG), p, b, bi, t, m),
+_forward = jax.jit(lambda p, b, bi, t: O.lm_forward(M.Qwen2LM(CFG), p, b, bi, t), static_argnums=3)
+_forward_dpo = jax.jit(lambda p, b, bi, t, m: O.lm_forward_dpo(M.Qwen2LM(CFG), p, b, bi, t, m),
                        static_argnums=(3, 4))
 
 
@@ -163,7 +164,7 @@ def _jnp(batch):
 def test_sequence_assembly_matches_official(params, lm_batch, lm_ref):
     ref, u, _ = lm_ref
     b = _jnp(lm_batch)
-    bi = M.bistream_from_uniforms(jnp.asarray(u), b["text_token_len"], b["speech_token_len"], CFG.mix_ratio)
+    bi = O.bistream_from_uniforms(jnp.asarray(u), b["text_token_len"], b["speech_token_len"], CFG.mix_ratio)
     assert bi.tolist() == [True, False, True, False]
     t_out = ref["lm_target"].shape[1]
     out = _forward(params, b, bi, t_out)
@@ -182,7 +183,7 @@ def test_sequence_assembly_all_bistream_shapes():
     lt, ls = lt.ravel(), ls.ravel()
     ok = ls * 5 > 15 * lt
     lt, ls = jnp.asarray(lt[ok]), jnp.asarray(ls[ok])
-    out = jax.jit(M.sequence_layout, static_argnums=(3, 4))(lt, ls, jnp.ones_like(lt, bool), 64, 6561)
+    out = jax.jit(O.sequence_layout, static_argnums=(3, 4))(lt, ls, jnp.ones_like(lt, bool), 64, 6561)
     kind, idx, tgt, is_sp, tidx, length = map(np.asarray, out)
     lt, ls = np.asarray(lt), np.asarray(ls)
     for i in range(len(lt)):
@@ -199,7 +200,7 @@ def test_sequence_assembly_all_bistream_shapes():
 def test_logits_loss_acc_match_official(params, lm_batch, lm_ref):
     ref, u, _ = lm_ref
     b = _jnp(lm_batch)
-    bi = M.bistream_from_uniforms(jnp.asarray(u), b["text_token_len"], b["speech_token_len"], CFG.mix_ratio)
+    bi = O.bistream_from_uniforms(jnp.asarray(u), b["text_token_len"], b["speech_token_len"], CFG.mix_ratio)
     out = _forward(params, b, bi, ref["lm_target"].shape[1])
     lens = ref["lm_input_len"]
     for i, n in enumerate(lens):
@@ -214,7 +215,7 @@ def test_dpo_logps_match_official(params, lm_batch, lm_ref):
     b = _jnp(lm_batch)
     tl2 = jnp.concatenate([b["text_token_len"]] * 2)
     sl2 = jnp.concatenate([b["speech_token_len"], b["reject_speech_token_len"]])
-    bi = M.bistream_from_uniforms(jnp.asarray(u_dpo), tl2, sl2, CFG.mix_ratio)
+    bi = O.bistream_from_uniforms(jnp.asarray(u_dpo), tl2, sl2, CFG.mix_ratio)
     assert bool(bi.any())
     t_out = int(jnp.max(tl2 + sl2 + 2))
     out = _forward_dpo(params, b, bi, t_out, True)
@@ -227,7 +228,7 @@ def test_dpo_logps_match_official(params, lm_batch, lm_ref):
 def test_choose_bistream_rule():
     tl = jnp.array([5, 5, 5, 10] * 500)
     sl = jnp.array([15, 16, 40, 31] * 500)
-    bi = np.asarray(M.choose_bistream(jax.random.PRNGKey(0), tl, sl)).reshape(500, 4)
+    bi = np.asarray(O.choose_bistream(jax.random.PRNGKey(0), tl, sl)).reshape(500, 4)
     assert not bi[:, 0].any()  # ratio exactly 3 never qualifies
     frac = bi[:, [1, 2, 3]].mean()
     assert 0.4 < frac < 0.6
@@ -251,8 +252,8 @@ def test_load_params_from_pt_path(tmp_path, official_sd, oracle):
     from cosyvoice2_jax.errors import ReleaseDirError
 
     with pytest.raises(ReleaseDirError, match="does not exist"):
-        P.load_params(tmp_path / "llm.pt", CFG)
+        P.from_release(tmp_path / "llm.pt", CFG)
     # written by torch.save in the oracle venv, read here (torch-free reader when torch is absent)
     oracle("ptfiles:save_state_dict", {f"sd/{k}": v for k, v in official_sd.items()}, path=str(tmp_path / "llm.pt"))
-    p = P.load_params(tmp_path / "llm.pt", CFG)
+    p = P.from_release(tmp_path / "llm.pt", CFG)
     np.testing.assert_array_equal(p["llm_decoder"]["bias"], official_sd["llm_decoder.bias"])

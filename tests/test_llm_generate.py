@@ -19,7 +19,7 @@ from oracle_client import unflatten_state_dict
 
 @pytest.fixture(scope="module")
 def params(oracle):
-    return P.load_params(unflatten_state_dict(oracle("llm:build", cfg=qwen_json(CFG), seed=SEED)), CFG)
+    return P.from_release(unflatten_state_dict(oracle("llm:build", cfg=qwen_json(CFG), seed=SEED)), CFG)
 
 
 def _req(rng, n_text, n_ptext, n_pspeech, **kw):

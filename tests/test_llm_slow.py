@@ -19,13 +19,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_full_size_hidden_states_match_transformers(oracle):
-    cfg = ModelConfig.cosyvoice2().lm
+    cfg = ModelConfig.cosyvoice2().llm
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 37, cfg.qwen.hidden_size)).astype(np.float32)
     lengths = np.array([37, 23])
     out = oracle("llm:full_parity", {"x": x, "lengths": lengths}, cfg=qwen_json(cfg), seed=1)
     ref_h, ref_logits = out.pop("h"), out.pop("logits")
-    params = P.load_params(unflatten_state_dict(out), cfg)
+    params = P.from_release(unflatten_state_dict(out), cfg)
     del out
     model = M.Qwen2LM(cfg)
     import jax

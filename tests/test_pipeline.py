@@ -135,16 +135,14 @@ def test_modes_and_batch_equal_single(tts, prompt):
     assert other.shape != single[2].shape or not np.allclose(other, single[2])
 
 
-def test_no_recompile_across_requests(tts, prompt):
+def test_no_recompile_across_requests(tts, prompt, compiles):
     _cap_lm(tts, 4)
     list(tts.inference_cross_lingual("One two three.", prompt, key=jax.random.PRNGKey(0)))
     before = (tts.lm.compile_counts(), tts.token2wav.vocoder.compiled_programs())
-    from cosyvoice2_jax.flow import modeling as FM
-
-    flow_before = FM.trace_count()
+    compiles.mark()
     list(tts.inference_cross_lingual("Four five six seven.", prompt, key=jax.random.PRNGKey(1)))
     assert (tts.lm.compile_counts(), tts.token2wav.vocoder.compiled_programs()) == before
-    assert FM.trace_count() == flow_before
+    assert compiles.since() == [], "a second request of other lengths compiled new programs"
 
 
 def test_speed_changes_length(tts, prompt):

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from cosyvoice2_jax.config import CampplusConfig, ModelConfig, SpeechTokenizerConfig
+from cosyvoice2_jax.config import SpeakerConfig, ModelConfig, TokenizerConfig
 from cosyvoice2_jax.errors import ConversionError
 from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml, qwen_config_from_dir
 
@@ -56,15 +56,15 @@ def test_layout_and_yaml_config(release, oracle):
     paths = check_release_dir(out)
     assert paths.spk2info is not None
     cfg = config_from_release_yaml(paths.yaml)
-    lm = dataclasses.replace(cfg.lm, qwen=qwen_config_from_dir(paths.tokenizer_dir).qwen)
+    lm = dataclasses.replace(cfg.llm, qwen=qwen_config_from_dir(paths.tokenizer_dir).qwen)
     want = mrr.tiny_release_config()
-    assert lm == want.lm
+    assert lm == want.llm
     assert cfg.flow == want.flow
     assert cfg.hift == want.hift
     # the tiny release is ModelConfig.tiny() except what the official classes hard-code
     tiny = ModelConfig.tiny()
-    assert want.lm == tiny.lm and want.hift == tiny.hift and want.tokenizer == tiny.tokenizer
-    assert want.campplus == tiny.campplus
+    assert want.llm == tiny.llm and want.hift == tiny.hift and want.tokenizer == tiny.tokenizer
+    assert want.speaker == tiny.speaker
     assert want.flow.decoder == tiny.flow.decoder and want.flow.encoder.num_blocks == tiny.flow.encoder.num_blocks
     # the official CosyVoice2 loading path (load_hyperpyyaml + CosyVoice2Model.load + llm.pt) accepts it
     off = oracle("pipeline:load_official", model_dir=str(out))
@@ -84,9 +84,9 @@ def test_release_yaml_full_dims():
         p.write_text(mrr.release_yaml(mrr.FULL), encoding="utf-8")
         cfg = config_from_release_yaml(p)
         (Path(d) / "config.json").write_text(json.dumps(mrr.FULL.qwen))
-        lm = dataclasses.replace(cfg.lm, qwen=qwen_config_from_dir(d).qwen)
+        lm = dataclasses.replace(cfg.llm, qwen=qwen_config_from_dir(d).qwen)
     full = ModelConfig.cosyvoice2()
-    assert lm == full.lm and cfg.flow == full.flow and cfg.hift == full.hift
+    assert lm == full.llm and cfg.flow == full.flow and cfg.hift == full.hift
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -104,16 +104,16 @@ def test_checkpoints_load_strictly(release):
 
         return sum(int(np.size(x)) for x in jax.tree.leaves(tree))
 
-    lm = llm_params.load_params(out / "llm.pt", want.lm)
+    lm = llm_params.from_release(out / "llm.pt", want.llm)
     assert count(lm) == summary["params"]["llm"]  # lm_head is tied to embed_tokens: counted once
-    flow = flow_params.load(out / "flow.pt", want.flow)
+    flow = flow_params.from_release(out / "flow.pt", want.flow)
     assert count(flow) == summary["params"]["flow"]
     sd = load_torch_checkpoint(out / "hift.pt")
     assert "conv_pre.weight_g" in sd and not any("parametrizations" in k for k in sd)  # release spelling
     hift = hift_params.from_torch(sd, want.hift)
     assert count(hift) == summary["params"]["hift"]
     with pytest.raises(ConversionError):
-        flow_params.load(out / "flow.pt", ModelConfig.tiny().flow)  # 64-wide encoder: shapes differ
+        flow_params.from_release(out / "flow.pt", ModelConfig.tiny().flow)  # 64-wide encoder: shapes differ
 
 
 def test_spk2info_readable(release):
@@ -134,16 +134,16 @@ def test_onnx_configs_and_weights(release):
 
     out, _ = release
     want = mrr.tiny_release_config()
-    tcfg = tok_params.config_from_onnx(out / "speech_tokenizer_v2.onnx")
+    tcfg = tok_params.config_from_release(out / "speech_tokenizer_v2.onnx")
     assert tcfg == ModelConfig.tiny().tokenizer == want.tokenizer
     tok_params.from_onnx(out / "speech_tokenizer_v2.onnx", tcfg)
-    ccfg = cam_params.config_from_onnx(out / "campplus.onnx")
-    assert ccfg == want.campplus == ModelConfig.tiny().campplus
+    ccfg = cam_params.config_from_release(out / "campplus.onnx")
+    assert ccfg == want.speaker == ModelConfig.tiny().speaker
     cam_params.from_onnx(out / "campplus.onnx", ccfg)
     with pytest.raises(ConversionError, match="S3Tokenizer"):
-        tok_params.config_from_onnx(out / "campplus.onnx")
+        tok_params.config_from_release(out / "campplus.onnx")
     with pytest.raises(ConversionError, match="CAM"):
-        cam_params.config_from_onnx(out / "speech_tokenizer_v2.onnx")
+        cam_params.config_from_release(out / "speech_tokenizer_v2.onnx")
 
 
 @pytest.mark.slow
@@ -153,9 +153,9 @@ def test_onnx_configs_full_size(oracle, tmp_path):
     from cosyvoice2_jax.tokenizer import params as tok_params
 
     oracle("tokenizer:write_release_onnx", path=str(tmp_path / "tok.onnx"), seed=0)
-    assert tok_params.config_from_onnx(tmp_path / "tok.onnx") == SpeechTokenizerConfig()
+    assert tok_params.config_from_release(tmp_path / "tok.onnx") == TokenizerConfig()
     oracle("speaker:export_release_onnx", path=str(tmp_path / "cam.onnx"), seed=0)
-    assert cam_params.config_from_onnx(tmp_path / "cam.onnx") == CampplusConfig()
+    assert cam_params.config_from_release(tmp_path / "cam.onnx") == SpeakerConfig()
 
 
 # ----------------------------------------------------------------------------------- official e2e
@@ -197,16 +197,16 @@ def test_release_onnx_models_match_official_frontend(release, zero_shot, oracle)
     official frontend's prompt tokens (s3tokenizer torch model read from the same ONNX) and
     speaker embedding (onnxruntime on campplus.onnx)."""
     from cosyvoice2_jax.speaker import params as cam_params
-    from cosyvoice2_jax.speaker.modeling import SpeakerEncoder
+    from cosyvoice2_jax.speaker.runtime import SpeakerEncoder
     from cosyvoice2_jax.tokenizer import params as tok_params
-    from cosyvoice2_jax.tokenizer.modeling import SpeechTokenizer
+    from cosyvoice2_jax.tokenizer.runtime import SpeechTokenizer
 
     out, _ = release
-    tcfg = tok_params.config_from_onnx(out / "speech_tokenizer_v2.onnx")
+    tcfg = tok_params.config_from_release(out / "speech_tokenizer_v2.onnx")
     tokenizer = SpeechTokenizer(tok_params.from_onnx(out / "speech_tokenizer_v2.onnx", tcfg), tcfg)
     ours = tokenizer.tokenize_wavs([PROMPT])[0]
     np.testing.assert_array_equal(ours[:25], zero_shot["prompt_speech_token"])
-    ccfg = cam_params.config_from_onnx(out / "campplus.onnx")
+    ccfg = cam_params.config_from_release(out / "campplus.onnx")
     enc = SpeakerEncoder(cam_params.from_onnx(out / "campplus.onnx", ccfg), ccfg)
     feat = oracle("frontend:kaldi_fbank", {"wav": PROMPT})["feat"]
     emb = enc.embed([feat])[0]

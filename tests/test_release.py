@@ -88,7 +88,7 @@ def test_release_yaml_maps_onto_config(tmp_path):
     p = tmp_path / "cosyvoice2.yaml"
     p.write_text(YAML)
     c = R.config_from_release_yaml(p)
-    assert c.lm.sampling.top_k == 20 and c.lm.mix_ratio == (5, 15)
+    assert c.llm.sampling.top_k == 20 and c.llm.mix_ratio == (5, 15)
     assert c.flow.encoder.linear_units == 1024 and c.flow.encoder.num_blocks == 3
     assert c.flow.decoder.static_chunk_size == 50  # !ref <a> * <b> resolved
     assert c.flow.decoder.channels == (128,) and c.flow.decoder.num_decoding_left_chunks == 2
@@ -97,7 +97,7 @@ def test_release_yaml_maps_onto_config(tmp_path):
     assert c.hift.base_channels == 256 and c.hift.f0_predictor.cond_channels == 256
     assert c.hift.resblock_dilation_sizes == ((1, 3, 5),) * 3
     # unspecified values keep the official defaults
-    assert c.lm.qwen == ModelConfig.cosyvoice2().lm.qwen and c.hift.nsf_alpha == 0.1
+    assert c.llm.qwen == ModelConfig.cosyvoice2().llm.qwen and c.hift.nsf_alpha == 0.1
 
 
 def test_qwen_sizes_from_tokenizer_dir(tmp_path):
@@ -126,3 +126,33 @@ def test_release_dir_errors_list_everything(tmp_path):
     bad.write_text("sample_rate: 24000\n")
     with pytest.raises(ReleaseDirError, match="no 'llm' section"):
         R.config_from_release_yaml(bad)
+
+
+def test_converted_dir_of_format_1_reads_under_todays_names(tmp_path):
+    """Converted directories (and caches) written before the components had one name each
+    (format 1: params ``speech_tokenizer`` / ``campplus``, config ``lm:`` / ``campplus:``) load."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+    import yaml
+
+    from cosyvoice2_jax.config import to_dict
+    from cosyvoice2_jax.pipeline import loading as L
+
+    out = tmp_path / "old"
+    out.mkdir()
+    cfg = to_dict(ModelConfig.tiny())
+    cfg["lm"], cfg["campplus"] = cfg.pop("llm"), cfg.pop("speaker")
+    cfg["streaming"]["source_cache_len"] = 3840
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    old_keys = ("llm", "flow", "hift", "speech_tokenizer", "campplus")
+    with ocp.StandardCheckpointer() as ck:
+        ck.save(out / "params", {k: {"w": np.full((2,), i, np.float32)} for i, k in enumerate(old_keys)})
+        ck.wait_until_finished()
+    (out / L.MARKER).write_text(json.dumps({"format": 1, "source": ""}))
+    loaded = L.read_converted(out)
+    assert loaded.config == ModelConfig.tiny()
+    assert list(loaded.params) == list(L.COMPONENTS)
+    assert [float(loaded.params[k]["w"][0]) for k in L.COMPONENTS] == [0, 1, 2, 3, 4]
+    (out / L.MARKER).write_text(json.dumps({"format": 0, "source": ""}))
+    with pytest.raises(ReleaseDirError, match="another cosyvoice2_jax format"):
+        L.read_converted(out)

@@ -12,12 +12,12 @@ import pytest
 import jax.numpy as jnp
 
 from oracle_client import unflatten_state_dict
-from cosyvoice2_jax.config import CampplusConfig
+from cosyvoice2_jax.config import SpeakerConfig
 from cosyvoice2_jax.errors import AudioError, ConversionError
 from cosyvoice2_jax.speaker import modeling as smod, params as sparams
-from cosyvoice2_jax.speaker.modeling import SpeakerEncoder
+from cosyvoice2_jax.speaker.runtime import SpeakerEncoder
 
-CFG = CampplusConfig()
+CFG = SpeakerConfig()
 
 
 def _cos(a, b):

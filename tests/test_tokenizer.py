@@ -13,12 +13,12 @@ import jax
 import jax.numpy as jnp
 
 from oracle_client import unflatten_state_dict
-from cosyvoice2_jax.config import SpeechTokenizerConfig
+from cosyvoice2_jax.config import TokenizerConfig
 from cosyvoice2_jax.errors import AudioError, ConversionError
 from cosyvoice2_jax.tokenizer import fsq, params as tparams
-from cosyvoice2_jax.tokenizer.modeling import SpeechTokenizer
+from cosyvoice2_jax.tokenizer.runtime import SpeechTokenizer
 
-CFG = SpeechTokenizerConfig()
+CFG = TokenizerConfig()
 TINY = dict(n_audio_state=192, n_audio_head=3, n_audio_layer=2)
 
 
@@ -123,7 +123,7 @@ def _long_audio_check(oracle, real_wavs, tokenizer, **cfg):
 
 def test_long_audio_windowing_matches_official_tiny(oracle, real_wavs):
     """The official > 30 s windowing + merge, on a small model (the full size: slow test below)."""
-    cfg = SpeechTokenizerConfig(**TINY)
+    cfg = TokenizerConfig(**TINY)
     sd = unflatten_state_dict(oracle("tokenizer:build", seed=0, **TINY))
     _long_audio_check(oracle, real_wavs, SpeechTokenizer(tparams.from_torch_state_dict(sd, cfg), cfg), **TINY)
 
@@ -154,7 +154,7 @@ def test_onnx_release_layout(oracle, tmp_path, size, ln_ops):
     ``onnx2torch`` reads back exactly) converts to the same params as the torch state dict;
     also with LayerNorms exported op by op."""
     kw = TINY if size == "tiny" else {}
-    cfg = SpeechTokenizerConfig(**kw)
+    cfg = TokenizerConfig(**kw)
     path = tmp_path / "speech_tokenizer_v2.onnx"
     rep = oracle("tokenizer:write_release_onnx", path=str(path), seed=1, ln_ops=ln_ops, **kw)
     assert bool(rep["same_keys"]) and float(rep["max_diff"]) == 0.0

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from cosyvoice2_jax.train import data as D
-from cosyvoice2_jax.train import mesh as M
+from cosyvoice2_jax import sharding as M
 from cosyvoice2_jax.train import trainer as TR
 from cosyvoice2_jax.train.checkpoint import Checkpointer
 from cosyvoice2_jax.train.optim import OptimConfig, make_optimizer, schedule

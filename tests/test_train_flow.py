@@ -9,7 +9,7 @@ import pytest
 
 from cosyvoice2_jax.frontend import audio as A
 from cosyvoice2_jax.train import data as D
-from cosyvoice2_jax.train import mesh as M
+from cosyvoice2_jax import sharding as M
 from cosyvoice2_jax.train import trainer as TR
 from cosyvoice2_jax.train.flow import FlowObjective
 from cosyvoice2_jax.train.optim import OptimConfig
@@ -90,8 +90,7 @@ def test_trained_flow_exports_to_official_names(oracle, params):  # noqa: F811
     tok, tl, feat, fl, emb, _ = _case()
     b = {"speech_token": tok, "speech_token_len": tl, "speech_feat": feat, "speech_feat_len": fl, "embedding": emb,
          "valid": np.ones(3, bool)}
-    obj = FlowObjective(CFG)
-    obj.init_params = lambda rng: params
+    obj = FlowObjective(CFG, init_from=params)
     mesh = M.make_mesh((1, 1, 1))
     from cosyvoice2_jax.train.optim import make_optimizer
 

@@ -23,10 +23,11 @@ from cosyvoice2_jax.config import ModelConfig
 from cosyvoice2_jax.frontend import audio as A
 from cosyvoice2_jax.hift.params import from_torch
 from cosyvoice2_jax.train import data as D
-from cosyvoice2_jax.train import mesh as M
+from cosyvoice2_jax import sharding as M
 from cosyvoice2_jax.train import trainer as TR
 from cosyvoice2_jax.train.checkpoint import Checkpointer
-from cosyvoice2_jax.train.hift import (GANConfig, HiFTGANObjective, discriminator_params_from_torch, gan_step,
+from cosyvoice2_jax.hift.params import discriminator_from_torch
+from cosyvoice2_jax.train.hift import (GANConfig, HiFTGANObjective, gan_step, make_discriminator,
                                        init_gan_state, make_gan_optimizers, make_gan_train_step)
 from cosyvoice2_jax.train.optim import OptimConfig
 
@@ -74,8 +75,8 @@ def gan(oracle):
     def params(prefix):
         sd = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
         return {"generator": from_torch({k: v for k, v in sd.items() if k.startswith("generator.")}, CFG),
-                "discriminator": discriminator_params_from_torch(
-                    {k: v for k, v in sd.items() if k.startswith("discriminator.")}, GAN)}
+                "discriminator": discriminator_from_torch(
+                    {k: v for k, v in sd.items() if k.startswith("discriminator.")}, make_discriminator(GAN))}
 
     p0 = params("sd/")
     obj = HiFTGANObjective(CFG, GAN, init_from=p0)
@@ -369,7 +370,7 @@ def test_bf16_lm_step_computes_bf16_keeps_fp32_state():
     from cosyvoice2_jax.train.lm import LMObjective
     from cosyvoice2_jax.train.optim import make_optimizer
 
-    lm = ModelConfig.tiny().lm
+    lm = ModelConfig.tiny().llm
     r = np.random.default_rng(0)
     batch = {"text_token": r.integers(0, 1000, (4, 16)).astype(np.int32),
              "text_token_len": np.array([16, 9, 12, 5], np.int32),

@@ -13,24 +13,25 @@ import pytest
 from cosyvoice2_jax.config import ModelConfig
 from cosyvoice2_jax.frontend import audio as A
 from cosyvoice2_jax.frontend.text import QwenTextTokenizer
-from cosyvoice2_jax.frontend.toy_tokenizer import write_toy_qwen_tokenizer
+from toy_tokenizer import write_toy_qwen_tokenizer
 from cosyvoice2_jax.llm import params as P
 from cosyvoice2_jax.train import data as D
-from cosyvoice2_jax.train import mesh as M
+from cosyvoice2_jax import sharding as M
 from cosyvoice2_jax.train import trainer as TR
-from cosyvoice2_jax.train.lm import DPOObjective, LMObjective, dpo_losses
+from cosyvoice2_jax.llm.objectives import dpo_losses
+from cosyvoice2_jax.train.lm import DPOObjective, LMObjective
 from cosyvoice2_jax.train.optim import OptimConfig, make_optimizer
 from oracle_client import unflatten_state_dict
 from test_llm import SEED, qwen_json
 from test_train_data import make_shards
 
-CFG = ModelConfig.tiny().lm
+CFG = ModelConfig.tiny().llm
 
 
 @pytest.fixture(scope="module")
 def official(oracle):
     sd = unflatten_state_dict(oracle("llm:build", cfg=qwen_json(CFG), seed=SEED))
-    return P.load_params(sd, CFG)
+    return P.from_release(sd, CFG)
 
 
 def _batch():
@@ -86,11 +87,11 @@ def test_dpo_objective_matches_official_logps_and_loss(official, oracle):
     jb = {k: jnp.asarray(v) for k, v in b.items()}
     jb["valid"] = jnp.ones((4,), bool)
     jb["speech_token"] = jnp.pad(jb["speech_token"], ((0, 0), (0, 0)))
-    from cosyvoice2_jax.llm.modeling import bistream_from_uniforms
+    from cosyvoice2_jax.llm.objectives import bistream_from_uniforms
 
     bi = bistream_from_uniforms(jnp.asarray(u_dpo), jnp.concatenate([jb["text_token_len"]] * 2),
                                 jnp.concatenate([jb["speech_token_len"], jb["reject_speech_token_len"]]), CFG.mix_ratio)
-    chosen, rejected, _, _ = obj._logps(official, jb, bi)
+    chosen, rejected, _ = obj.logps(official, jb, bi)
     np.testing.assert_allclose(np.asarray(chosen), ref["dpo_chosen_logps"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(rejected), ref["dpo_rejected_logps"], rtol=2e-5, atol=2e-5)
     # DPOLoss formula, hand-derived: -log(sigmoid(beta * ((c - r) - (rc - rr))))
@@ -171,8 +172,7 @@ def test_trained_tiny_lm_exports_to_official_names(official, oracle):
     """A few training steps, then export to llm.pt names: the official Qwen2LM loads the state dict
     strictly and computes the same loss as our objective on a batch."""
     b = _pad_like_data(_batch(), rows=4, text=9, speech=40)
-    obj = LMObjective(CFG)
-    obj.init_params = lambda rng: official
+    obj = LMObjective(CFG, init_from=official)
     mesh = M.make_mesh((1, 1, 1))
     tx = make_optimizer(OptimConfig(lr=1e-2))
     state, sh = TR.init_state(obj, tx, mesh, 0)
@@ -181,7 +181,7 @@ def test_trained_tiny_lm_exports_to_official_names(official, oracle):
         state, _ = step(state, {k: np.asarray(v) for k, v in b.items()})
     trained = jax.device_get(state["params"])
     assert max(float(np.abs(a - c).max()) for a, c in zip(jax.tree.leaves(trained), jax.tree.leaves(official))) > 1e-3
-    sd = P.export_state_dict(trained, CFG)
+    sd = P.to_release(trained, CFG)
     u = np.array([0.2, 0.7, 0.1, 0.3])
     raw = {k: np.asarray(v) for k, v in _batch().items() if "reject" not in k}
     ref = oracle("train:lm_forward_from_sd", {**{f"sd/{k}": v for k, v in sd.items()}, **raw, "uniforms": u},

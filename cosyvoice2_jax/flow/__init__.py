@@ -2,13 +2,19 @@
 
 Quick use::
 
-    from cosyvoice2_jax.flow import load_params, inference
-    params = load_params("CosyVoice2-0.5B/flow.pt", cfg.flow)
-    mel = inference(params, cfg.flow, token, prompt_token, prompt_feat, embedding)  # (1, F, 80)
-"""
-from .modeling import (CausalMaskedDiffWithXvec, abstract_params, inference, inference_batch, init_params,
-                       loss_masks, training_loss)
-from .params import from_torch, load as load_params, to_torch
+    from cosyvoice2_jax import flow
+    params = flow.from_release("CosyVoice2-0.5B/flow.pt", cfg.flow)
+    mel = flow.inference(params, cfg.flow, token, prompt_token, prompt_feat, embedding)  # (1, F, mel bins)
 
-__all__ = ["CausalMaskedDiffWithXvec", "abstract_params", "inference", "inference_batch", "init_params",
-           "loss_masks", "training_loss", "from_torch", "load_params", "to_torch"]
+Component contract (the same names in ``llm``, ``flow``, ``hift``, ``tokenizer``, ``speaker``):
+``abstract_params(cfg)``, ``init_params(cfg, key)``, ``param_axes(cfg)``, ``from_release(source, cfg)``,
+``to_release(params, cfg)``, ``RELEASE_FILE`` and the runtime wrapper (here :class:`MelGenerator`).
+"""
+from .modeling import CausalMaskedDiffWithXvec, abstract_params, inference, inference_batch, init_params
+from .params import from_release, param_axes, to_release
+from .runtime import FlowPrompt, MelGenerator
+
+RELEASE_FILE = "flow.pt"
+
+__all__ = ["CausalMaskedDiffWithXvec", "FlowPrompt", "MelGenerator", "RELEASE_FILE", "abstract_params",
+           "inference", "inference_batch", "init_params", "param_axes", "from_release", "to_release"]

@@ -89,6 +89,21 @@ def to_torch(params: Mapping) -> dict[str, np.ndarray]:
     return export(params, rules(), what="flow params")
 
 
-def load(path: str | Path, cfg: FlowConfig | None = None) -> dict:
-    """Read a release ``flow.pt`` (weights only) and convert it for ``cfg`` (default: release)."""
-    return from_torch(load_torch_checkpoint(path), cfg or FlowConfig(), what=Path(path).name)
+def from_release(source: str | Path | Mapping[str, np.ndarray], cfg: FlowConfig) -> dict:
+    """A release ``flow.pt`` (read weights-only) or a state dict -> params for ``cfg`` (strict)."""
+    if isinstance(source, Mapping):
+        return from_torch(source, cfg)
+    return from_torch(load_torch_checkpoint(source), cfg, what=Path(source).name)
+
+
+def to_release(params: Mapping, cfg: FlowConfig | None = None) -> dict[str, np.ndarray]:
+    """Params -> the official ``flow.pt`` state dict (numpy); ``cfg`` is not needed (contract)."""
+    return to_torch(params)
+
+
+def param_axes(cfg: FlowConfig) -> dict:
+    """Logical axes of every param leaf (:func:`cosyvoice2_jax.sharding.axes_by_rule`)."""
+    from ..sharding import axes_by_rule
+    from .modeling import abstract_params
+
+    return axes_by_rule(abstract_params(cfg))

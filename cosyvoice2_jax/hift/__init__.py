@@ -2,15 +2,19 @@
 
 Typical inference::
 
-    from cosyvoice2_jax.hift import HiFTGenerator, from_torch, make_inference_fn
-    params = from_torch(load_torch_checkpoint("hift.pt"), cfg.hift, fold=True)
-    run = make_inference_fn(cfg.hift)                 # jitted, one compile per (B, F) bucket
-    audio, source = run(params, mel_bfc, jax.random.PRNGKey(0), lengths, cache_source)
-"""
-from .modeling import (ConvRNNF0Predictor, HiFTGenerator, ResBlock, Snake, SourceModuleHnNSF, istft,
-                       make_inference_fn, source_noise, stft_source)
-from .params import discriminator_from_torch, discriminator_to_torch, from_torch, hift_rules, to_torch
+    from cosyvoice2_jax import hift
+    vocoder = hift.Vocoder(cfg.hift, hift.from_release("CosyVoice2-0.5B/hift.pt", cfg.hift))
+    audio, source = vocoder([mel], [jax.random.PRNGKey(0)])   # lists of (samples,) arrays
 
-__all__ = ["ConvRNNF0Predictor", "HiFTGenerator", "ResBlock", "Snake", "SourceModuleHnNSF", "istft",
-           "make_inference_fn", "source_noise", "stft_source", "from_torch", "to_torch", "hift_rules",
-           "discriminator_from_torch", "discriminator_to_torch"]
+Component contract (the same names in ``llm``, ``flow``, ``hift``, ``tokenizer``, ``speaker``):
+``abstract_params(cfg)``, ``init_params(cfg, key)``, ``param_axes(cfg)``, ``from_release(source, cfg)``,
+``to_release(params, cfg)``, ``RELEASE_FILE`` and the runtime wrapper (here :class:`Vocoder`).
+"""
+from .modeling import HiFTGenerator, make_inference_fn, source_noise
+from .params import abstract_params, from_release, init_params, param_axes, to_release
+from .runtime import Vocoder
+
+RELEASE_FILE = "hift.pt"
+
+__all__ = ["HiFTGenerator", "RELEASE_FILE", "Vocoder", "abstract_params", "from_release", "init_params",
+           "make_inference_fn", "param_axes", "source_noise", "to_release"]

@@ -1,4 +1,5 @@
-"""HiFT GAN training: discriminators and losses, as the official CosyVoice 2 recipe configures them.
+"""HiFT GAN training: the discriminators and the losses (the only definitions; ``train/hift.py``
+drives them), as the official CosyVoice 2 recipe configures them.
 
 Official recipe (``examples/libritts/cosyvoice2/conf/cosyvoice2.yaml``, ``hifigan`` section):
 ``MultipleDiscriminator(mpd=matcha MultiPeriodDiscriminator, mrd=MultiResSpecDiscriminator)``
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..errors import ConfigError
 from ..layers.conv import Conv2d
 
 Array = jax.Array
@@ -175,27 +177,35 @@ class MultiResolutionDiscriminator(nn.Module):
 class MultipleDiscriminator(nn.Module):
     """``mpd`` + ``mrd`` on real and generated audio (official ``MultipleDiscriminator``).
 
-    ``(y (B, T), y_hat (B, T))`` -> ``(y_d_rs, y_d_gs, fmap_rs, fmap_gs)``: 8 scores each and
-    8 lists of feature maps (5 period discriminators, then 3 spectrogram discriminators).
+    ``(y (B, T), y_hat (B, T))`` -> ``(y_d_rs, y_d_gs, fmap_rs, fmap_gs)``: one score and one list
+    of feature maps per sub-discriminator (the period discriminators, then the spectrogram ones).
     Real and generated audio run as one batch of 2B.
 
     ``mrd``: ``"spec"`` = ``MultiResSpecDiscriminator`` (the current cosyvoice2.yaml) or
     ``"resolution"`` = ``MultiResolutionDiscriminator`` (earlier versions of the same yaml).
+    The sub-discriminator lists default to the official ones (``fft_sizes=None``: the variant's
+    own default); training may shorten them (``train.hift.GANConfig``).
     """
 
     mrd: str = "spec"
+    periods: Sequence[int] = (2, 3, 5, 7, 11)
+    fft_sizes: Sequence[int] | None = None
+    hop_sizes: Sequence[int] = (120, 240, 50)       # spec only
+    win_lengths: Sequence[int] = (600, 1200, 240)   # spec only
 
     @nn.compact
     def __call__(self, y: Array, y_hat: Array):
         B = y.shape[0]
         both = jnp.concatenate([y, y_hat], axis=0)
-        s1, f1 = MultiPeriodDiscriminator(name="mpd")(both)
+        s1, f1 = MultiPeriodDiscriminator(tuple(self.periods), name="mpd")(both)
         if self.mrd == "spec":
-            s2, f2 = MultiResSpecDiscriminator(name="mrd")(both)
+            ffts = tuple(self.fft_sizes) if self.fft_sizes is not None else MultiResSpecDiscriminator.fft_sizes
+            s2, f2 = MultiResSpecDiscriminator(ffts, tuple(self.hop_sizes), tuple(self.win_lengths), name="mrd")(both)
         elif self.mrd == "resolution":
-            s2, f2 = MultiResolutionDiscriminator(name="mrd")(both)
+            ffts = tuple(self.fft_sizes) if self.fft_sizes is not None else MultiResolutionDiscriminator.fft_sizes
+            s2, f2 = MultiResolutionDiscriminator(ffts, name="mrd")(both)
         else:
-            raise ValueError(f"mrd must be 'spec' or 'resolution', got {self.mrd!r}")
+            raise ConfigError(f"mrd must be 'spec' or 'resolution', got {self.mrd!r}")
         scores, fmaps = s1 + s2, f1 + f2
         y_d_rs = [s[:B] for s in scores]
         y_d_gs = [s[B:] for s in scores]
@@ -204,39 +214,70 @@ class MultipleDiscriminator(nn.Module):
         return y_d_rs, y_d_gs, fmap_rs, fmap_gs
 
 
+def abstract_discriminator_params(module: MultipleDiscriminator | None = None) -> dict:
+    """Shapes of the param tree of ``module`` (default: the official discriminator)."""
+    module = module if module is not None else MultipleDiscriminator()
+    y = jnp.zeros((1, 4800))
+    return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), y, y)["params"])
+
+
 # ----------------------------------------------------------------------------------- losses
-def generator_loss(disc_outputs: Sequence[Array]) -> Array:
+# Every loss takes optional row weights ``w (B,)`` (1 = real row, 0 = padding row of a fixed-shape
+# training batch): means are then per row first, then over the weighted rows. With ``w=None`` they
+# are the official batch means; with all weights 1 the same value.
+def _mean(x: Array, w: Array | None) -> Array:
+    if w is None:
+        return jnp.mean(x)
+    per_row = jnp.mean(x.reshape(x.shape[0], -1), axis=1)
+    return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def generator_loss(disc_outputs: Sequence[Array], w: Array | None = None) -> Array:
     """LSGAN generator loss ``sum_k mean((1 - D_k(G))^2)`` (matcha ``generator_loss``)."""
-    return sum(jnp.mean(jnp.square(1.0 - dg)) for dg in disc_outputs)
+    return sum(_mean(jnp.square(1.0 - dg), w) for dg in disc_outputs)
 
 
-def discriminator_loss(disc_real: Sequence[Array], disc_generated: Sequence[Array]) -> Array:
+def discriminator_loss(disc_real: Sequence[Array], disc_generated: Sequence[Array], w: Array | None = None) -> Array:
     """LSGAN discriminator loss ``sum_k mean((1 - D_k(y))^2) + mean(D_k(G)^2)``."""
-    return sum(jnp.mean(jnp.square(1.0 - dr)) + jnp.mean(jnp.square(dg))
+    return sum(_mean(jnp.square(1.0 - dr), w) + _mean(jnp.square(dg), w)
                for dr, dg in zip(disc_real, disc_generated))
 
 
-def feature_loss(fmap_r: Sequence[Sequence[Array]], fmap_g: Sequence[Sequence[Array]]) -> Array:
+def feature_loss(fmap_r: Sequence[Sequence[Array]], fmap_g: Sequence[Sequence[Array]],
+                 w: Array | None = None) -> Array:
     """Feature matching ``2 * sum_{k, l} mean|F_kl(y) - F_kl(G)|`` (matcha ``feature_loss``)."""
-    return 2.0 * sum(jnp.mean(jnp.abs(rl - gl)) for dr, dg in zip(fmap_r, fmap_g) for rl, gl in zip(dr, dg))
+    return 2.0 * sum(_mean(jnp.abs(rl - gl), w) for dr, dg in zip(fmap_r, fmap_g) for rl, gl in zip(dr, dg))
 
 
-def _lower_median(x: Array) -> Array:
-    """torch.median: the lower of the two middle values for an even count."""
-    flat = jnp.sort(x.reshape(-1))
-    return flat[(flat.shape[0] - 1) // 2]
+def _lower_median(x: Array, w: Array | None) -> Array:
+    """torch.median (the lower of the two middle values for an even count) over the elements of
+    ``x (B, N)``, of the rows with ``w > 0`` only when ``w`` is given."""
+    if w is None:
+        flat = jnp.sort(x.reshape(-1))
+        return flat[(flat.shape[0] - 1) // 2]
+    flat = jnp.sort(jnp.where(w[:, None] > 0, x, jnp.inf).reshape(-1))
+    count = jnp.sum(w > 0) * x.shape[1]
+    return flat[jnp.maximum(count - 1, 0) // 2]
 
 
-def tpr_loss(disc_real: Sequence[Array], disc_generated: Sequence[Array], tau: float = 0.04) -> Array:
+def tpr_loss(disc_real: Sequence[Array], disc_generated: Sequence[Array], tau: float = 0.04,
+             w: Array | None = None) -> Array:
     """Truncated pointwise relativistic loss (``cosyvoice/utils/losses.py`` ``tpr_loss``; Li et al.,
     HiFTNet): per discriminator, ``m = median(dr - dg)``,
-    ``L = mean over {dr < dg + m} of ((dr - dg) - m)^2``, add ``tau - relu(tau - L)``."""
+    ``L = mean over {dr < dg + m} of ((dr - dg) - m)^2``, add ``tau - relu(tau - L)``. With row
+    weights an empty selection gives 0 (the official mean of nothing is NaN)."""
     loss = 0.0
     for dr, dg in zip(disc_real, disc_generated):
+        dr, dg = dr.reshape(dr.shape[0], -1), dg.reshape(dg.shape[0], -1)
         d = dr - dg
-        m = _lower_median(d)
-        sel = (dr < dg + m).astype(d.dtype)
-        l_rel = jnp.sum(jnp.square(d - m) * sel) / jnp.sum(sel)
+        m = _lower_median(d, w)
+        sel = dr < dg + m
+        if w is None:
+            sel = sel.astype(d.dtype)
+            l_rel = jnp.sum(jnp.square(d - m) * sel) / jnp.sum(sel)
+        else:
+            sel = (sel & (w[:, None] > 0)).astype(d.dtype)
+            l_rel = jnp.sum(jnp.square(d - m) * sel) / jnp.maximum(jnp.sum(sel), 1.0)
         loss = loss + (tau - jax.nn.relu(tau - l_rel))
     return loss
 
@@ -261,35 +302,36 @@ def gan_mel(y: Array, *, sr: int = 24000, n_fft: int = 1920, hop: int = 480, win
     return jnp.log(jnp.maximum(mel, 1e-5))
 
 
-def mel_loss(real: Array, generated: Array, **mel_kwargs) -> Array:
+def mel_loss(real: Array, generated: Array, w: Array | None = None, **mel_kwargs) -> Array:
     """L1 between GAN mels (``cosyvoice/utils/losses.py`` ``mel_loss`` with one transform)."""
-    return jnp.mean(jnp.abs(gan_mel(generated, **mel_kwargs) - gan_mel(real, **mel_kwargs)))
+    return _mean(jnp.abs(gan_mel(generated, **mel_kwargs) - gan_mel(real, **mel_kwargs)), w)
 
 
-def f0_loss(generated_f0: Array, pitch_feat: Array) -> Array:
+def f0_loss(generated_f0: Array, pitch_feat: Array, w: Array | None = None) -> Array:
     """``F.l1_loss(generated_f0, pitch_feat)``."""
-    return jnp.mean(jnp.abs(generated_f0 - pitch_feat))
+    return _mean(jnp.abs(generated_f0 - pitch_feat), w)
 
 
-def generator_losses(y_d_rs, y_d_gs, fmap_rs, fmap_gs, real, generated, generated_f0, pitch_feat, *,
-                     mel_weight: float = 45.0, fm_weight: float = 2.0, tpr_weight: float = 1.0,
-                     tpr_tau: float = 0.04) -> dict[str, Array]:
-    """``HiFiGan.forward_generator`` losses given the discriminator outputs."""
+def generator_losses(y_d_rs, y_d_gs, fmap_rs, fmap_gs, real, generated, generated_f0, pitch_feat,
+                     w: Array | None = None, *, mel_weight: float = 45.0, fm_weight: float = 2.0,
+                     tpr_weight: float = 1.0, tpr_tau: float = 0.04) -> dict[str, Array]:
+    """``HiFiGan.forward_generator`` losses given the discriminator outputs (row weights ``w``)."""
     out = {
-        "loss_gen": generator_loss(y_d_gs),
-        "loss_fm": feature_loss(fmap_rs, fmap_gs),
-        "loss_mel": mel_loss(real, generated),
-        "loss_tpr": tpr_loss(y_d_gs, y_d_rs, tpr_tau) if tpr_weight != 0 else jnp.zeros(()),
-        "loss_f0": f0_loss(generated_f0, pitch_feat),
+        "loss_gen": generator_loss(y_d_gs, w),
+        "loss_fm": feature_loss(fmap_rs, fmap_gs, w),
+        "loss_mel": mel_loss(real, generated, w),
+        "loss_tpr": tpr_loss(y_d_gs, y_d_rs, tpr_tau, w) if tpr_weight != 0 else jnp.zeros(()),
+        "loss_f0": f0_loss(generated_f0, pitch_feat, w),
     }
     out["loss"] = (out["loss_gen"] + fm_weight * out["loss_fm"] + mel_weight * out["loss_mel"]
                    + tpr_weight * out["loss_tpr"] + out["loss_f0"])
     return out
 
 
-def discriminator_losses(y_d_rs, y_d_gs, *, tpr_weight: float = 1.0, tpr_tau: float = 0.04) -> dict[str, Array]:
-    """``HiFiGan.forward_discriminator`` losses given the discriminator outputs."""
-    out = {"loss_disc": discriminator_loss(y_d_rs, y_d_gs),
-           "loss_tpr": tpr_loss(y_d_rs, y_d_gs, tpr_tau) if tpr_weight != 0 else jnp.zeros(())}
+def discriminator_losses(y_d_rs, y_d_gs, w: Array | None = None, *, tpr_weight: float = 1.0,
+                         tpr_tau: float = 0.04) -> dict[str, Array]:
+    """``HiFiGan.forward_discriminator`` losses given the discriminator outputs (row weights ``w``)."""
+    out = {"loss_disc": discriminator_loss(y_d_rs, y_d_gs, w),
+           "loss_tpr": tpr_loss(y_d_rs, y_d_gs, tpr_tau, w) if tpr_weight != 0 else jnp.zeros(())}
     out["loss"] = out["loss_disc"] + tpr_weight * out["loss_tpr"]
     return out

@@ -11,6 +11,7 @@ loader strips it and so do we.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -20,7 +21,7 @@ import numpy as np
 from ..config import HiFTConfig
 from ..layers.conv import fold_weight_norm
 from ..params_util import (CONV1D, CONV2D, CONV_TRANSPOSE1D, Rule, Transform, conv1d_rules, convert, export,
-                           linear_rules)
+                           linear_rules, load_torch_checkpoint)
 from .modeling import HiFTGenerator
 
 G_CONV = Transform("wn_gain_conv", lambda w: w.reshape(1, 1, -1), lambda w: w.reshape(-1, 1, 1))
@@ -64,16 +65,19 @@ def hift_rules() -> list[Rule]:
 @functools.lru_cache(maxsize=8)
 def abstract_params(cfg: HiFTConfig, *, folded: bool = False) -> dict[str, Any]:
     """Shapes of the param tree (``jax.ShapeDtypeStruct`` leaves), weight-normed or folded."""
-    model = HiFTGenerator(cfg)
-    F = 4
-
     def init():
-        mel = jnp.zeros((1, F, cfg.in_channels))
-        noise = jnp.zeros((1, F * cfg.hop_size, cfg.nb_harmonics + 1))
-        p = model.init(jax.random.PRNGKey(0), mel, noise)["params"]
+        p = init_params(cfg, jax.random.PRNGKey(0))
         return fold_weight_norm(p) if folded else p
 
     return jax.eval_shape(init)
+
+
+def init_params(cfg: HiFTConfig, key) -> dict[str, Any]:
+    """Random params of :class:`HiFTGenerator` (weight norm kept: ``weight_g`` / ``weight_v``)."""
+    F = 4
+    mel = jnp.zeros((1, F, cfg.in_channels))
+    noise = jnp.zeros((1, F * cfg.hop_size, cfg.nb_harmonics + 1))
+    return HiFTGenerator(cfg).init(key, mel, noise)["params"]
 
 
 def _strip_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -112,6 +116,20 @@ def to_torch(params: Mapping[str, Any], *, spelling: str = "parametrizations") -
     return sd
 
 
+def from_release(source: str | Path | Mapping[str, Any], cfg: HiFTConfig, *, fold: bool = False) -> dict[str, Any]:
+    """A release ``hift.pt`` (read weights-only) or a state dict -> params (see :func:`from_torch`;
+    the default keeps weight norm, as training and export need; :class:`~.runtime.Vocoder` folds)."""
+    if isinstance(source, Mapping):
+        return from_torch(source, cfg, fold=fold)
+    return from_torch(load_torch_checkpoint(source), cfg, fold=fold, what=Path(source).name)
+
+
+def to_release(params: Mapping[str, Any], cfg: HiFTConfig | None = None, *,
+               spelling: str = "parametrizations") -> dict[str, np.ndarray]:
+    """Params -> the official ``hift.pt`` state dict (numpy; see :func:`to_torch`)."""
+    return to_torch(params, spelling=spelling)
+
+
 # ----------------------------------------------------------------------------------- discriminators
 G_CONV2D = Transform("wn_gain_conv2d", lambda w: w.reshape(1, 1, 1, -1), lambda w: w.reshape(-1, 1, 1, 1))
 
@@ -143,23 +161,20 @@ def discriminator_rules() -> list[Rule]:
     ]
 
 
-@functools.lru_cache(maxsize=4)
-def abstract_discriminator_params(mrd: str = "spec") -> dict[str, Any]:
-    from .discriminator import MultipleDiscriminator
+def discriminator_from_torch(state_dict: Mapping[str, Any], module=None, *, what: str = "discriminator"
+                             ) -> dict[str, Any]:
+    """Official discriminator state dict (``discriminator.`` prefix optional) -> params of ``module``
+    (a :class:`~cosyvoice2_jax.hift.discriminator.MultipleDiscriminator`; default: the official one,
+    its ``mrd`` variant detected from the keys: ``band_convs`` means ``MultiResolutionDiscriminator``).
+    Strict: missing, unexpected and mis-shaped keys raise."""
+    from .discriminator import MultipleDiscriminator, abstract_discriminator_params
 
-    y = jnp.zeros((1, 4800))
-    return jax.eval_shape(lambda: MultipleDiscriminator(mrd).init(jax.random.PRNGKey(0), y, y)["params"])
-
-
-def discriminator_from_torch(state_dict: Mapping[str, Any], *, what: str = "discriminator") -> dict[str, Any]:
-    """Official discriminator state dict -> params (strict). The ``mrd`` variant (see
-    :class:`~cosyvoice2_jax.hift.discriminator.MultipleDiscriminator`) is detected from the keys:
-    ``band_convs`` means ``MultiResolutionDiscriminator`` (build the module with ``mrd="resolution"``)."""
     sd = dict(state_dict)
     if sd and all(k.startswith("discriminator.") for k in sd):
         sd = {k[len("discriminator."):]: v for k, v in sd.items()}
-    mrd = "resolution" if any(".band_convs." in k for k in sd) else "spec"
-    params = convert(sd, discriminator_rules(), expected=abstract_discriminator_params(mrd), what=what,
+    if module is None:
+        module = MultipleDiscriminator("resolution" if any(".band_convs." in k for k in sd) else "spec")
+    params = convert(sd, discriminator_rules(), expected=abstract_discriminator_params(module), what=what,
                      ignore=DISCRIMINATOR_IGNORE)
     return jax.tree.map(np.asarray, params)
 
@@ -171,5 +186,12 @@ def discriminator_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return export(params, discriminator_rules(), what="discriminator params")
 
 
-__all__ = ["hift_rules", "abstract_params", "from_torch", "to_torch", "discriminator_rules",
+def param_axes(cfg: HiFTConfig, *, folded: bool = False) -> dict:
+    """Logical axes of every param leaf (:func:`cosyvoice2_jax.sharding.axes_by_rule`)."""
+    from ..sharding import axes_by_rule
+
+    return axes_by_rule(abstract_params(cfg, folded=folded))
+
+
+__all__ = ["hift_rules", "abstract_params", "init_params", "param_axes", "from_release", "to_release", "from_torch", "to_torch", "discriminator_rules",
            "discriminator_from_torch", "discriminator_to_torch"]

@@ -14,7 +14,7 @@ So the normed axes are exactly those where ``weight_g`` has size 1, and :func:`f
 needs no module information. A layer whose params hold ``kernel`` uses it directly even when
 built with ``weight_norm=True``: fold once at load time for inference, keep g/v for training.
 
-Performance (see notes/CPU_PERF.md): stride-1 convs run as 2-D NHWC convs with H = 1 (XLA:CPU
+Performance (see docs/performance.md): stride-1 convs run as 2-D NHWC convs with H = 1 (XLA:CPU
 routes them to its fast path); transposed convs use a polyphase formulation (one stride-1 conv
 with ``stride * O`` output channels, then an interleave), not ``lhs_dilation``.
 """

@@ -1,6 +1,6 @@
 """Boolean masks: padding validity, chunk (block-causal) attention, attention biases.
 
-Conventions (DESIGN.md section 4): validity masks are ``(B, T)`` bool (True = real frame);
+Conventions (docs/architecture.md): validity masks are ``(B, T)`` bool (True = real frame);
 attention masks are bool and broadcastable to ``(B, T_q, T_k)`` (True = may attend).
 
 The chunk mask is the static-chunk mask of the official code (``cosyvoice.utils.mask.

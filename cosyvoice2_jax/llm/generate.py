@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import LMConfig
+from .. import sharding
+from ..config import LLMConfig
 from ..errors import CosyVoiceError
 from . import sampling as S
 from .modeling import Qwen2LM, cache_mask, compute_dtype
@@ -66,7 +67,7 @@ class DecodeState(NamedTuple):
     keys: jax.Array         # (B, 2) per-row PRNG keys
 
 
-def new_cache(cfg: LMConfig, batch: int, num_slots: int, dtype):
+def new_cache(cfg: LLMConfig, batch: int, num_slots: int, dtype):
     """Zero KV cache ``(k, v)``: stacked ``(L, B, S, K, H)`` with ``scan_layers``, else per-layer tuples."""
     q = cfg.qwen
     shape = (batch, num_slots, q.num_key_value_heads, q.head_dim)
@@ -101,7 +102,7 @@ class LMGenerator:
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: rows are split over it, params replicated.
     """
 
-    def __init__(self, cfg: LMConfig, params, *, sampling: str = "ras", quant: bool = False,
+    def __init__(self, cfg: LLMConfig, params, *, sampling: str = "ras", quant: bool = False,
                  steps_per_call: int = 8, text_bucket: int = 32, speech_bucket: int = 64,
                  cache_bucket: int = 512, batch_bucket: int = 1, max_trials: int = 100, mesh=None):
         if sampling not in ("ras", "greedy"):
@@ -115,13 +116,10 @@ class LMGenerator:
         self.max_trials = max_trials
         self.batch_bucket = batch_bucket
         self.mesh = mesh
-        if mesh is not None:  # data parallel: params replicated, rows split over the mesh's 'data' axis
-            from jax.sharding import NamedSharding, PartitionSpec as P
-
-            n = mesh.shape["data"]
+        if mesh is not None:  # data parallel: params replicated, rows split over the mesh's batch axes
+            n = sharding.batch_size_multiple(mesh)
             self.batch_bucket = batch_bucket * n // np.gcd(batch_bucket, n)
-            self.params = jax.device_put(params, NamedSharding(mesh, P()))
-            self._row_sharding = lambda a: NamedSharding(mesh, P("data", *([None] * (a.ndim - 1))))
+            self.params = sharding.place_replicated(params, mesh)
         self.dtype = compute_dtype(cfg.dtype)
         self.prefill = jax.jit(self._prefill, static_argnums=(0,))
         self.decode = jax.jit(self._decode, static_argnums=(0,), donate_argnums=(2,))
@@ -253,7 +251,7 @@ class LMGenerator:
                 key = jnp.concatenate([jnp.asarray(key), jnp.zeros((pad, 2), jnp.asarray(key).dtype)])
         slots, args = self._pack(requests, key)
         if self.mesh is not None:
-            args = tuple(jax.device_put(a, self._row_sharding(a)) for a in args)
+            args = tuple(sharding.place_rows(a, self.mesh) for a in args)
         st = self.prefill(slots, self.params, *args)
         while True:
             st, toks = self.decode(self.steps_per_call, self.params, st)

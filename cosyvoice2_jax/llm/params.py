@@ -3,7 +3,7 @@
 One declarative table; torch ``Linear`` weights keep their ``(out, in)`` layout (the JAX module
 contracts dim 1 of both operands), so every transform is the identity. The tied
 ``llm.model.lm_head.weight`` is ignored on import (CosyVoice uses hidden states only) and written
-back as a copy of ``embed_tokens`` on export, so ``export(load(sd)) == sd`` for a release file.
+back as a copy of ``embed_tokens`` on export, so ``to_release(from_release(sd)) == sd`` for a release file.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import LMConfig
+from ..config import LLMConfig
 from ..params_util import Rule, convert, export, load_torch_checkpoint
 from .modeling import abstract_params, stack_layers, unstack_layers
 
@@ -33,7 +33,7 @@ RULES = (
 TIED_HEAD = "llm.model.lm_head.weight"
 
 
-def load_params(source: str | Path | Mapping[str, Any], cfg: LMConfig) -> dict:
+def from_release(source: str | Path | Mapping[str, Any], cfg: LLMConfig) -> dict:
     """``llm.pt`` path (read with ``torch.load(weights_only=True)``) or a dict of arrays -> params.
 
     Strict: unexpected, missing and mis-shaped keys are all listed in one ``ConversionError``.
@@ -46,7 +46,7 @@ def load_params(source: str | Path | Mapping[str, Any], cfg: LMConfig) -> dict:
     return stack_layers(params, cfg.qwen.num_hidden_layers) if cfg.scan_layers else params
 
 
-def export_state_dict(params: Mapping[str, Any], cfg: LMConfig, *, include_tied_head: bool = True) -> dict:
+def to_release(params: Mapping[str, Any], cfg: LLMConfig, *, include_tied_head: bool = True) -> dict:
     """params -> torch state dict (numpy), the tied ``lm_head`` included as a copy of the text embedding."""
     if cfg.scan_layers:
         params = unstack_layers(params, cfg.qwen.num_hidden_layers)
@@ -56,5 +56,12 @@ def export_state_dict(params: Mapping[str, Any], cfg: LMConfig, *, include_tied_
     return sd
 
 
-def _unrolled(cfg: LMConfig) -> LMConfig:
+def _unrolled(cfg: LLMConfig) -> LLMConfig:
     return dataclasses.replace(cfg, scan_layers=False)
+
+
+def param_axes(cfg: LLMConfig, *, quant: bool = False) -> dict:
+    """Logical axes of every param leaf, from the modules' ``nn.with_logical_partitioning``."""
+    from ..sharding import axes_from_boxed
+
+    return axes_from_boxed(abstract_params(cfg, quant=quant, boxed=True))

@@ -6,7 +6,7 @@ automatic cache of ``CosyVoice2.from_pretrained``)::
     OUT/
       cosyvoice2_jax.json   format marker: source release dir, its file fingerprint
       config.yaml           the ModelConfig (our YAML schema; cosyvoice2_jax.config)
-      params/               Orbax checkpoint: {llm, flow, hift, speech_tokenizer, campplus} params
+      params/               Orbax checkpoint: {llm, flow, hift, tokenizer, speaker} params (COMPONENTS)
       spk2info.npz          built-in and added speakers (flattened arrays)
       CosyVoice-BlankEN/    copy of the Qwen tokenizer files
       cosyvoice2.yaml       copy of the release YAML (for export)
@@ -16,11 +16,17 @@ or from ``--onnx-from``), since only the LM, flow and HiFT are trained by this p
 
 The cache lives in ``$COSYVOICE2_JAX_CACHE`` (default ``~/.cache/cosyvoice2_jax``), keyed by the
 release path and the size and mtime of its files: a changed file triggers a fresh conversion.
+Directories of format 1 (params keys ``speech_tokenizer`` / ``campplus``, config sections ``lm`` /
+``campplus``) are still read, under today's names.
+
+Every component is loaded the same way, through its package contract (``from_release``,
+``to_release``, ``RELEASE_FILE``, optionally ``config_from_release``): see :data:`COMPONENTS`.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -30,14 +36,24 @@ from typing import Any
 
 import numpy as np
 
-from ..config import CampplusConfig, ModelConfig, SpeechTokenizerConfig
+from ..config import ModelConfig, from_dict, rename_legacy_keys
 from ..errors import ReleaseDirError
 from .release import (REQUIRED_FILES, TOKENIZER_DIR, ReleasePaths, check_release_dir, config_from_release_yaml,
                       qwen_config_from_dir)
 
-FORMAT = 1
+FORMAT = 2
 MARKER = "cosyvoice2_jax.json"
-PARTS = ("llm", "flow", "hift", "speech_tokenizer", "campplus")
+# one word per component: package cosyvoice2_jax.<name>, ModelConfig.<name>, params[<name>]
+COMPONENTS = ("llm", "flow", "hift", "tokenizer", "speaker")
+# format 1 stored the tokenizer and speaker params under other keys
+_FORMAT1_KEYS = {"tokenizer": "speech_tokenizer", "speaker": "campplus"}
+
+
+def component(name: str):
+    """The package of a component (``cosyvoice2_jax.llm``, ...), which holds its contract."""
+    if name not in COMPONENTS:
+        raise ValueError(f"unknown component {name!r}; one of {', '.join(COMPONENTS)}")
+    return importlib.import_module(f"cosyvoice2_jax.{name}")
 
 
 @dataclasses.dataclass
@@ -53,22 +69,17 @@ class Loaded:
 
 
 # ----------------------------------------------------------------------------------- release -> params
-def _onnx_config(module, path: Path, default):
-    fn = getattr(module, "config_from_onnx", None)
-    return fn(path) if fn is not None else default
-
-
 def release_config(paths: ReleasePaths) -> ModelConfig:
     """ModelConfig of a release: YAML hyperparameters, Qwen sizes from ``config.json``, tokenizer and
-    CAM++ sizes from the ONNX initializers."""
-    from ..speaker import params as spk_params
-    from ..tokenizer import params as tok_params
-
+    CAM++ sizes from the ONNX initializers (the components' ``config_from_release``)."""
     cfg = config_from_release_yaml(paths.yaml)
-    lm = dataclasses.replace(cfg.lm, qwen=qwen_config_from_dir(paths.tokenizer_dir, cfg.lm).qwen)
-    tok = _onnx_config(tok_params, paths.speech_tokenizer, SpeechTokenizerConfig())
-    cam = _onnx_config(spk_params, paths.campplus, CampplusConfig())
-    return dataclasses.replace(cfg, lm=lm, tokenizer=tok, campplus=cam)
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(
+        cfg.llm, qwen=qwen_config_from_dir(paths.tokenizer_dir, cfg.llm).qwen))
+    for name in COMPONENTS:
+        read = getattr(component(name), "config_from_release", None)
+        if read is not None:
+            cfg = dataclasses.replace(cfg, **{name: read(paths.file(name), getattr(cfg, name))})
+    return cfg
 
 
 def _spk2info_from_pt(path: Path | None) -> dict[str, dict[str, np.ndarray]]:
@@ -88,22 +99,10 @@ def _spk2info_from_pt(path: Path | None) -> dict[str, dict[str, np.ndarray]]:
 
 
 def convert_params(paths: ReleasePaths, cfg: ModelConfig) -> dict[str, Any]:
-    """Every part of the release -> params (strict converters; errors name the file and key)."""
-    from ..flow import params as flow_params
-    from ..hift import params as hift_params
-    from ..llm import params as llm_params
-    from ..params_util import load_torch_checkpoint
-    from ..speaker import params as spk_params
-    from ..tokenizer import params as tok_params
-
-    return {
-        "llm": llm_params.load_params(paths.llm, cfg.lm),
-        "flow": flow_params.load(paths.flow, cfg.flow),
-        # weight norm kept (g, v) so that export writes what the official loads; folded at inference
-        "hift": hift_params.from_torch(load_torch_checkpoint(paths.hift), cfg.hift, fold=False),
-        "speech_tokenizer": tok_params.from_onnx(paths.speech_tokenizer, cfg.tokenizer),
-        "campplus": spk_params.from_onnx(paths.campplus, cfg.campplus),
-    }
+    """Every component of the release -> params (strict converters; errors name the file and key).
+    HiFT keeps its weight norm (g, v) so that export writes what the official loads; the runtime
+    :class:`~cosyvoice2_jax.hift.Vocoder` folds it."""
+    return {name: component(name).from_release(paths.file(name), getattr(cfg, name)) for name in COMPONENTS}
 
 
 # ----------------------------------------------------------------------------------- converted dir
@@ -123,7 +122,8 @@ def is_converted(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _save_spk2info(path: Path, spk2info: dict) -> None:
+def save_spk2info(path: Path, spk2info: dict) -> None:
+    """Speakers as one ``.npz`` of flattened arrays (written to a temp file, then renamed)."""
     flat = {}
     for spk, info in spk2info.items():
         for k, v in info.items():
@@ -133,7 +133,8 @@ def _save_spk2info(path: Path, spk2info: dict) -> None:
     os.replace(tmp, path)
 
 
-def _load_spk2info(path: Path) -> dict:
+def load_spk2info(path: Path) -> dict:
+    """Inverse of :func:`save_spk2info` (empty when the file does not exist)."""
     if not path.is_file():
         return {}
     out: dict[str, dict] = {}
@@ -162,9 +163,9 @@ def write_converted(out: Path, cfg: ModelConfig, params: dict, spk2info: dict, p
     tmp.mkdir(parents=True)
     cfg.to_yaml(tmp / "config.yaml")
     with ocp.StandardCheckpointer() as ck:
-        ck.save(tmp / "params", {k: params[k] for k in PARTS})
+        ck.save(tmp / "params", {k: params[k] for k in COMPONENTS})
         ck.wait_until_finished()
-    _save_spk2info(tmp / "spk2info.npz", spk2info)
+    save_spk2info(tmp / "spk2info.npz", spk2info)
     shutil.copytree(paths.tokenizer_dir, tmp / TOKENIZER_DIR)
     shutil.copy2(paths.yaml, tmp / "cosyvoice2.yaml")
     meta = {"format": FORMAT, "source": str(paths.root.absolute()), "fingerprint": fingerprint(paths),
@@ -180,15 +181,20 @@ def read_converted(path: Path) -> Loaded:
     t0 = time.perf_counter()
     path = Path(path).absolute()
     meta = json.loads((path / MARKER).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ReleaseDirError(f"{path} was written by another cosyvoice2_jax format ({meta.get('format')}); "
+    fmt = meta.get("format")
+    if fmt not in (1, FORMAT):
+        raise ReleaseDirError(f"{path} was written by another cosyvoice2_jax format ({fmt}); "
                               "convert the release again")
-    cfg = ModelConfig.from_yaml(path / "config.yaml")
+    import yaml
+
+    cfg = from_dict(ModelConfig, rename_legacy_keys(
+        ModelConfig, yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}))
     with ocp.StandardCheckpointer() as ck:
         params = ck.restore(path / "params")
-    params = {k: params[k] for k in PARTS}
+    stored = {k: (_FORMAT1_KEYS.get(k, k) if fmt == 1 else k) for k in COMPONENTS}
+    params = {k: params[stored[k]] for k in COMPONENTS}
     src = Path(meta["source"]) if meta.get("source") else None
-    return Loaded(cfg, params, path / TOKENIZER_DIR, _load_spk2info(path / "spk2info.npz"), src,
+    return Loaded(cfg, params, path / TOKENIZER_DIR, load_spk2info(path / "spk2info.npz"), src,
                   {"restore_s": time.perf_counter() - t0})
 
 
@@ -248,18 +254,14 @@ def export_release(converted: str | Path, out: str | Path, *, onnx_from: str | P
     """Write the official layout from a converted directory (``llm.pt``/``flow.pt``/``hift.pt`` from
     its params, or from ``params`` (e.g. after training); the ONNX files, YAML and tokenizer dir
     copied). ``.pt`` files are written without PyTorch (:func:`cosyvoice2_jax.torch_pt.save_pt`)."""
-    from ..flow import params as flow_params
-    from ..hift import params as hift_params
-    from ..llm import params as llm_params
-
     loaded = read_converted(Path(converted))
     params = params or loaded.params
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ReleaseDirError(f"{out} exists and is not empty; pass --overwrite to write into it")
     onnx_dir = Path(onnx_from) if onnx_from else loaded.source_dir
-    missing = [f for f in ("campplus.onnx", "speech_tokenizer_v2.onnx")
-               if onnx_dir is None or not (onnx_dir / f).is_file()]
+    onnx_files = [component(n).RELEASE_FILE for n in COMPONENTS if not component(n).RELEASE_FILE.endswith(".pt")]
+    missing = [f for f in onnx_files if onnx_dir is None or not (onnx_dir / f).is_file()]
     if missing:
         raise ReleaseDirError(f"export needs {', '.join(missing)}: the recorded source release "
                               f"({onnx_dir}) lacks them; pass --onnx-from <release dir>")
@@ -271,11 +273,12 @@ def export_release(converted: str | Path, out: str | Path, *, onnx_from: str | P
     def save(sd: dict, name: str) -> None:
         save_pt({k: np.asarray(v) for k, v in sd.items()}, out / name)
 
-    save(llm_params.export_state_dict(params["llm"], cfg.lm), "llm.pt")
-    save(flow_params.to_torch(params["flow"]), "flow.pt")
-    save(hift_params.to_torch(params["hift"]), "hift.pt")
-    for f in ("campplus.onnx", "speech_tokenizer_v2.onnx"):
-        shutil.copy2(onnx_dir / f, out / f)
+    for name in COMPONENTS:
+        mod = component(name)
+        if mod.RELEASE_FILE.endswith(".pt"):
+            save(mod.to_release(params[name], getattr(cfg, name)), mod.RELEASE_FILE)
+        else:  # the ONNX graphs are copied (only the LM, flow and HiFT are trained here)
+            shutil.copy2(onnx_dir / mod.RELEASE_FILE, out / mod.RELEASE_FILE)
     shutil.copy2(Path(converted) / "cosyvoice2.yaml", out / "cosyvoice2.yaml")
     if (out / TOKENIZER_DIR).exists():
         shutil.rmtree(out / TOKENIZER_DIR)

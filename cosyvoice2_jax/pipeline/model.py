@@ -31,13 +31,14 @@ import numpy as np
 from ..config import ModelConfig, StreamingConfig
 from ..errors import ConfigError, CosyVoiceError, TextError
 from ..frontend.text import QwenTextTokenizer, TextFrontend
-from ..layers.conv import fold_weight_norm
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
-from ..speaker.modeling import SpeakerEncoder
-from ..tokenizer.modeling import SpeechTokenizer
+from ..flow.runtime import FlowPrompt
+from ..hift.runtime import NoiseFn
+from ..speaker.runtime import SpeakerEncoder
+from ..tokenizer.runtime import SpeechTokenizer
 from .frontend import as_wav_16k, extract_prompt, source_tokens
 from .loading import Loaded, load_release
-from .token2wav import FlowPrompt, NoiseFn, Token2Wav
+from .token2wav import Token2Wav
 
 log = logging.getLogger(__name__)
 ENDOFPROMPT = "<|endofprompt|>"
@@ -114,17 +115,17 @@ class CosyVoice2:
         p = loaded.params
         self.text_tokenizer = QwenTextTokenizer.from_dir(loaded.tokenizer_dir)
         self.text = TextFrontend(self.text_tokenizer, use_wetext=use_wetext)
-        self.speech_tokenizer = SpeechTokenizer(p["speech_tokenizer"], self.config.tokenizer)
-        self.speaker_encoder = SpeakerEncoder(p["campplus"], self.config.campplus)
+        self.speech_tokenizer = SpeechTokenizer(p["tokenizer"], self.config.tokenizer)
+        self.speaker_encoder = SpeakerEncoder(p["speaker"], self.config.speaker)
         lm_params = p["llm"]
         if quant:
             from ..llm.modeling import quantize_params
 
             lm_params = quantize_params(lm_params)
-        self.lm = LMGenerator(self.config.lm, lm_params, sampling=sampling, quant=quant, steps_per_call=lm_steps_per_call,
+        self.lm = LMGenerator(self.config.llm, lm_params, sampling=sampling, quant=quant, steps_per_call=lm_steps_per_call,
                               mesh=mesh)
         self.sampling = sampling
-        self.token2wav = Token2Wav(self.config, p["flow"], fold_weight_norm(p["hift"]), flow_cache=flow_cache,
+        self.token2wav = Token2Wav(self.config, p["flow"], p["hift"], flow_cache=flow_cache,
                                    streaming=streaming, noise_fn=hift_noise, mesh=mesh)
         # the components hold device copies: keep no host copy of the weights (halves memory at full size)
         self.loaded = dataclasses.replace(loaded, params={})
@@ -157,7 +158,7 @@ class CosyVoice2:
     def save_spkinfo(self, path: str | Path | None = None, *, overwrite: bool = True) -> Path:
         """Write the speakers to ``path`` (default ``spk2info.npz`` next to the release). The release's
         ``spk2info.pt`` is not touched; ``from_pretrained`` reads the ``.npz`` back when present."""
-        from .loading import _save_spk2info
+        from .loading import save_spk2info
 
         if path is None:
             if self.model_dir is None:
@@ -166,13 +167,13 @@ class CosyVoice2:
         path = Path(path)
         if path.exists() and not overwrite:
             raise ModeError(f"{path} exists; pass overwrite=True to replace it")
-        _save_spk2info(path, self.spk2info)
+        save_spk2info(path, self.spk2info)
         return path
 
     def load_spkinfo(self, path: str | Path) -> None:
-        from .loading import _load_spk2info
+        from .loading import load_spk2info
 
-        self.spk2info.update(_load_spk2info(Path(path)))
+        self.spk2info.update(load_spk2info(Path(path)))
 
     # ------------------------------------------------------------------------------- inputs
     def _key(self, key):
@@ -186,13 +187,13 @@ class CosyVoice2:
             raise ModeError(f"unknown speaker {spk_id!r}; available: {have}. Add one with add_zero_shot_spk()")
         return self.spk2info[spk_id]
 
-    @staticmethod
-    def _flow_from_info(info: dict) -> FlowPrompt:
+    def _flow_from_info(self, info: dict) -> FlowPrompt:
         # our keys, or the official add_zero_shot_spk keys of a release spk2info.pt
+        mels = self.config.flow.output_size
         tok = info.get("speech_token", info.get("flow_prompt_speech_token", np.zeros((0,), np.int32)))
-        feat = info.get("speech_feat", info.get("prompt_speech_feat", np.zeros((0, 80), np.float32)))
+        feat = info.get("speech_feat", info.get("prompt_speech_feat", np.zeros((0, mels), np.float32)))
         emb = info.get("embedding", info.get("flow_embedding"))
-        return FlowPrompt(np.asarray(tok, np.int32).reshape(-1), np.asarray(feat, np.float32).reshape(-1, 80),
+        return FlowPrompt(np.asarray(tok, np.int32).reshape(-1), np.asarray(feat, np.float32).reshape(-1, mels),
                           np.asarray(emb, np.float32).reshape(-1))
 
     def _prompt(self, prompt_speech_16k, zero_shot_spk_id: str) -> tuple[dict, FlowPrompt]:
@@ -231,7 +232,7 @@ class CosyVoice2:
             yield [int(t) for t in mi.source_speech]
             return
         if isinstance(mi.text, Iterator):
-            sampler = _greedy_host(self.config.lm.eos_token) if self.sampling == "greedy" else None
+            sampler = _greedy_host(self.config.llm.eos_token) if self.sampling == "greedy" else None
             sess = BistreamSession(self.lm, key=None if sampler else key, sampler=sampler)
             pending: list[int] = []
             for tok in sess.run(mi.text, mi.prompt_text, [int(t) for t in mi.llm_prompt_speech],

@@ -24,9 +24,8 @@ from typing import Any
 
 import yaml
 
-from ..config import (CFMConfig, FlowConfig, FlowDecoderConfig, FlowEncoderConfig, HiFTConfig, F0PredictorConfig,
-                      LMConfig, ModelConfig, SamplingConfig)
-from ..errors import ReleaseDirError
+from ..config import LLMConfig, ModelConfig, from_dict, to_dict
+from ..errors import ConfigError, ReleaseDirError
 
 REQUIRED_FILES = ("cosyvoice2.yaml", "llm.pt", "flow.pt", "hift.pt", "campplus.onnx", "speech_tokenizer_v2.onnx")
 TOKENIZER_DIR = "CosyVoice-BlankEN"
@@ -37,13 +36,14 @@ OPTIONAL_FILES = ("spk2info.pt",)
 class ReleasePaths:
     root: Path
     yaml: Path
-    llm: Path
-    flow: Path
-    hift: Path
-    campplus: Path
-    speech_tokenizer: Path
-    tokenizer_dir: Path
+    tokenizer_dir: Path          # the Qwen text tokenizer (CosyVoice-BlankEN)
     spk2info: Path | None
+
+    def file(self, component: str) -> Path:
+        """The release file of a component (``llm`` -> ``llm.pt``, ``speaker`` -> ``campplus.onnx``)."""
+        from .loading import component as package
+
+        return self.root / package(component).RELEASE_FILE
 
 
 def check_release_dir(model_dir: str | Path) -> ReleasePaths:
@@ -73,9 +73,7 @@ def check_release_dir(model_dir: str | Path) -> ReleasePaths:
             + f". Expected {', '.join(REQUIRED_FILES)}, {TOKENIZER_DIR}/ (and optionally spk2info.pt); "
             f"found: {present}")
     spk = root / "spk2info.pt"
-    return ReleasePaths(root, root / "cosyvoice2.yaml", root / "llm.pt", root / "flow.pt", root / "hift.pt",
-                        root / "campplus.onnx", root / "speech_tokenizer_v2.onnx", tok,
-                        spk if spk.is_file() else None)
+    return ReleasePaths(root, root / "cosyvoice2.yaml", tok, spk if spk.is_file() else None)
 
 
 # ----------------------------------------------------------------------------------- hyperpyyaml as data
@@ -153,81 +151,79 @@ def read_release_yaml(path: str | Path) -> dict:
     return {k: _resolve(v, raw) for k, v in raw.items()}
 
 
-def _pick(d: dict, key: str, default):
-    v = d.get(key, default)
-    return default if isinstance(v, Tagged) and not v else v
+def _same(yaml_section: str, our_section: str, *names: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{yaml_section}.{n}", f"{our_section}.{n}") for n in names)
+
+
+# official cosyvoice2.yaml key -> ModelConfig key. Keys the yaml lacks keep the dataclass defaults
+# (the official values); the Qwen2 sizes come from CosyVoice-BlankEN/config.json instead.
+YAML_TABLE: tuple[tuple[str, str], ...] = (
+    ("sample_rate", "sample_rate"),
+    *_same("llm", "llm", "speech_token_size", "mix_ratio", "length_normalized_loss", "lsm_weight"),
+    *_same("llm.sampling", "llm.sampling", "top_p", "top_k", "win_size", "tau_r"),
+    *_same("flow", "flow", "input_size", "output_size", "spk_embed_dim", "vocab_size", "input_frame_rate",
+           "token_mel_ratio", "pre_lookahead_len", "only_mask_loss"),
+    *_same("flow.encoder", "flow.encoder", "input_size", "output_size", "attention_heads", "linear_units",
+           "num_blocks"),
+    *_same("flow.decoder.estimator", "flow.decoder", "in_channels", "out_channels", "channels",
+           "attention_head_dim", "n_blocks", "num_mid_blocks", "num_heads", "act_fn", "static_chunk_size",
+           "num_decoding_left_chunks"),
+    *_same("flow.decoder.cfm_params", "flow.cfm", "sigma_min", "solver", "t_scheduler", "training_cfg_rate",
+           "inference_cfg_rate"),
+    *_same("hift", "hift", "in_channels", "base_channels", "nb_harmonics", "sampling_rate", "nsf_alpha",
+           "nsf_sigma", "nsf_voiced_threshold", "upsample_rates", "upsample_kernel_sizes", "resblock_kernel_sizes",
+           "resblock_dilation_sizes", "source_resblock_kernel_sizes", "source_resblock_dilation_sizes",
+           "lrelu_slope", "audio_limit"),
+    ("hift.istft_params.n_fft", "hift.istft_n_fft"),
+    ("hift.istft_params.hop_len", "hift.istft_hop_len"),
+    *_same("hift.f0_predictor", "hift.f0_predictor", "num_class", "in_channels", "cond_channels"),
+)
+_MISSING = object()
+
+
+def _yaml_value(y: dict, dotted: str) -> Any:
+    """The value at ``dotted`` in the read yaml; a ``!new:omegaconf.DictConfig`` node's fields are
+    under ``content``; an unresolved or empty tagged node counts as missing."""
+    node: Any = y
+    for part in dotted.split("."):
+        if isinstance(node, dict) and part not in node and isinstance(node.get("content"), dict):
+            node = node["content"]
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return _MISSING if isinstance(node, (Tagged, _Ref)) and not node else node
 
 
 def config_from_release_yaml(path: str | Path) -> ModelConfig:
-    """Map the release's ``cosyvoice2.yaml`` onto :class:`ModelConfig` (official defaults for
-    anything the file does not state, e.g. the Qwen2 backbone sizes, which come from
-    ``CosyVoice-BlankEN/config.json`` instead: see :func:`qwen_config_from_dir`)."""
+    """Map the release's ``cosyvoice2.yaml`` onto :class:`ModelConfig` through :data:`YAML_TABLE`
+    (official defaults for anything the file does not state, e.g. the Qwen2 backbone sizes, which
+    come from ``CosyVoice-BlankEN/config.json`` instead: see :func:`qwen_config_from_dir`). Values
+    are checked and converted by the config schema; an error names the yaml key."""
     y = read_release_yaml(path)
     for k in ("llm", "flow", "hift"):
         if k not in y:
             raise ReleaseDirError(f"{path} has no '{k}' section; is this a CosyVoice 2 config?")
-    base = ModelConfig.cosyvoice2()
-    llm, flow, hift = y["llm"], y["flow"], y["hift"]
-    samp = llm.get("sampling") or {}
-    lm = dataclasses.replace(
-        base.lm, speech_token_size=int(_pick(llm, "speech_token_size", 6561)),
-        mix_ratio=tuple(_pick(llm, "mix_ratio", [5, 15])),
-        length_normalized_loss=bool(_pick(llm, "length_normalized_loss", True)),
-        lsm_weight=float(_pick(llm, "lsm_weight", 0.0)),
-        sampling=SamplingConfig(top_p=float(samp.get("top_p", 0.8)), top_k=int(samp.get("top_k", 25)),
-                                win_size=int(samp.get("win_size", 10)), tau_r=float(samp.get("tau_r", 0.1))))
-    enc, dec = flow.get("encoder") or {}, flow.get("decoder") or {}
-    est = dec.get("estimator") or {}
-    cfm = dec.get("cfm_params") or {}
-    cfm = cfm.get("content", cfm) if isinstance(cfm, dict) else {}
-    ratio = int(_pick(flow, "token_mel_ratio", 2))
-    fenc = dataclasses.replace(
-        base.flow.encoder, input_size=int(_pick(enc, "input_size", 512)), output_size=int(_pick(enc, "output_size", 512)),
-        attention_heads=int(_pick(enc, "attention_heads", 8)), linear_units=int(_pick(enc, "linear_units", 2048)),
-        num_blocks=int(_pick(enc, "num_blocks", 6)))
-    fdec = dataclasses.replace(
-        base.flow.decoder, in_channels=int(_pick(est, "in_channels", 320)), out_channels=int(_pick(est, "out_channels", 80)),
-        channels=tuple(_pick(est, "channels", [256])), attention_head_dim=int(_pick(est, "attention_head_dim", 64)),
-        n_blocks=int(_pick(est, "n_blocks", 4)), num_mid_blocks=int(_pick(est, "num_mid_blocks", 12)),
-        num_heads=int(_pick(est, "num_heads", 8)), act_fn=str(_pick(est, "act_fn", "gelu")),
-        static_chunk_size=int(_pick(est, "static_chunk_size", 50)),
-        num_decoding_left_chunks=int(_pick(est, "num_decoding_left_chunks", -1)))
-    fcfm = dataclasses.replace(
-        base.flow.cfm, sigma_min=float(cfm.get("sigma_min", 1e-6)), solver=cfm.get("solver", "euler"),
-        t_scheduler=cfm.get("t_scheduler", "cosine"), training_cfg_rate=float(cfm.get("training_cfg_rate", 0.2)),
-        inference_cfg_rate=float(cfm.get("inference_cfg_rate", 0.7)))
-    fcfm = dataclasses.replace(fcfm, solver=type(base.flow.cfm.solver)(fcfm.solver),
-                               t_scheduler=type(base.flow.cfm.t_scheduler)(fcfm.t_scheduler))
-    fl = FlowConfig(input_size=int(_pick(flow, "input_size", 512)), output_size=int(_pick(flow, "output_size", 80)),
-                    spk_embed_dim=int(_pick(flow, "spk_embed_dim", 192)), vocab_size=int(_pick(flow, "vocab_size", 6561)),
-                    input_frame_rate=int(_pick(flow, "input_frame_rate", 25)), token_mel_ratio=ratio,
-                    pre_lookahead_len=int(_pick(flow, "pre_lookahead_len", 3)),
-                    only_mask_loss=bool(_pick(flow, "only_mask_loss", True)), encoder=fenc, decoder=fdec, cfm=fcfm)
-    ist = hift.get("istft_params") or {}
-    f0 = hift.get("f0_predictor") or {}
-    hf = HiFTConfig(
-        in_channels=int(_pick(hift, "in_channels", 80)), base_channels=int(_pick(hift, "base_channels", 512)),
-        nb_harmonics=int(_pick(hift, "nb_harmonics", 8)), sampling_rate=int(_pick(hift, "sampling_rate", 24000)),
-        nsf_alpha=float(_pick(hift, "nsf_alpha", 0.1)), nsf_sigma=float(_pick(hift, "nsf_sigma", 0.003)),
-        nsf_voiced_threshold=float(_pick(hift, "nsf_voiced_threshold", 10)),
-        upsample_rates=tuple(_pick(hift, "upsample_rates", [8, 5, 3])),
-        upsample_kernel_sizes=tuple(_pick(hift, "upsample_kernel_sizes", [16, 11, 7])),
-        istft_n_fft=int(ist.get("n_fft", 16)), istft_hop_len=int(ist.get("hop_len", 4)),
-        resblock_kernel_sizes=tuple(_pick(hift, "resblock_kernel_sizes", [3, 7, 11])),
-        resblock_dilation_sizes=tuple(tuple(x) for x in _pick(hift, "resblock_dilation_sizes", [[1, 3, 5]] * 3)),
-        source_resblock_kernel_sizes=tuple(_pick(hift, "source_resblock_kernel_sizes", [7, 7, 11])),
-        source_resblock_dilation_sizes=tuple(tuple(x) for x in _pick(hift, "source_resblock_dilation_sizes", [[1, 3, 5]] * 3)),
-        lrelu_slope=float(_pick(hift, "lrelu_slope", 0.1)), audio_limit=float(_pick(hift, "audio_limit", 0.99)),
-        f0_predictor=F0PredictorConfig(num_class=int(f0.get("num_class", 1)), in_channels=int(f0.get("in_channels", 80)),
-                                       cond_channels=int(f0.get("cond_channels", 512))))
-    return dataclasses.replace(base, sample_rate=int(y.get("sample_rate", 24000)), lm=lm, flow=fl, hift=hf)
+    data = to_dict(ModelConfig.cosyvoice2())
+    for ykey, ours in YAML_TABLE:
+        value = _yaml_value(y, ykey)
+        if value is _MISSING:
+            continue
+        node = data
+        *parents, leaf = ours.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    try:
+        return from_dict(ModelConfig, data)
+    except ConfigError as e:
+        raise ReleaseDirError(f"{path}: {e} (config keys map from the yaml by pipeline.release.YAML_TABLE)") from None
 
 
-def qwen_config_from_dir(tokenizer_dir: str | Path, base: LMConfig | None = None) -> LMConfig:
+def qwen_config_from_dir(tokenizer_dir: str | Path, base: LLMConfig | None = None) -> LLMConfig:
     """Read the Qwen2 backbone sizes from ``CosyVoice-BlankEN/config.json`` (if present)."""
     import json
 
-    base = base or LMConfig()
+    base = base or LLMConfig()
     p = Path(tokenizer_dir) / "config.json"
     if not p.is_file():
         return base

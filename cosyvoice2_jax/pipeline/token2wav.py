@@ -9,29 +9,27 @@ The official runtime (``CosyVoice2Model.token2wav`` / ``tts`` in ``cosyvoice/cli
   ``stream_scale_factor`` up to ``token_max_hop_len`` (HEAD; the 2025 pip snapshot keeps 25). Each
   chunk's mel is vocoded together with the last ``mel_cache_len`` mel frames of the previous chunk;
   the previous source tail is forced into the new source (``cache_source``); the last
-  ``source_cache_len`` samples are held back and cross-faded (Hamming window) into the next chunk.
+  ``source_cache_len`` (= ``mel_cache_len`` frames) samples are held back and cross-faded (Hamming window) into the next chunk.
   The final chunk runs the flow *without* chunk masks (the official passes no ``streaming`` flag
   there) over all tokens and keeps the frames after the offset.
 
 :class:`Token2Wav` does the same. The official re-runs the flow from token 0 for every chunk; here
 the intermediate chunks go through :class:`cosyvoice2_jax.flow.streaming.FlowStreamer` (cached
-state, constant cost per chunk, equal output) unless ``flow_cache=False``.
+state, constant cost per chunk, equal output) unless ``flow_cache=False``. The components' runtime
+wrappers live in their folders: :class:`cosyvoice2_jax.flow.runtime.MelGenerator` and
+:class:`cosyvoice2_jax.hift.runtime.Vocoder`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Iterable, Iterator, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import ModelConfig, StreamingConfig
 from ..errors import ConfigError
-from ..flow import modeling as flow_model
-from ..hift.modeling import make_inference_fn
-
-NoiseFn = Callable[[int, int], np.ndarray]  # (batch, samples) -> (batch, samples, harmonics + 1)
+from ..flow.runtime import FlowPrompt, MelGenerator
+from ..hift.runtime import NoiseFn, Vocoder
 
 
 def hamming(n: int) -> np.ndarray:
@@ -72,91 +70,6 @@ def hop_schedule(prompt_len: int, s: StreamingConfig) -> Iterator[int]:
         yield hop
 
 
-def _replicated(mesh):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    return NamedSharding(mesh, P())
-
-
-def _row_sharded(mesh, ndim: int):
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
-
-
-def _pad_rows(n: int, mesh) -> int:
-    if mesh is None:
-        return n
-    d = mesh.shape["data"]
-    return -(-n // d) * d
-
-
-@dataclasses.dataclass
-class FlowPrompt:
-    """Flow conditioning of one utterance: prompt tokens (S0,), prompt mel (F0, 80), x-vector (192,)."""
-
-    token: np.ndarray
-    feat: np.ndarray
-    embedding: np.ndarray
-
-
-class Vocoder:
-    """HiFT with frame-bucketed shapes (one compile per bucket and cache size) and the noise source.
-
-    Source noise is drawn per row in blocks of ``frame_bucket`` frames (block ``i`` from
-    ``fold_in(key_row, i)``), so a row's audio does not depend on the batch it runs in or on its
-    padding. ``noise_fn(batch, samples)`` overrides it (tests inject the official draws).
-    """
-
-    def __init__(self, cfg: ModelConfig, params, *, frame_bucket: int = 100, noise_fn: Optional[NoiseFn] = None,
-                 mesh=None):
-        self.cfg, self.frame_bucket, self.noise_fn, self.mesh = cfg.hift, frame_bucket, noise_fn, mesh
-        self.params = jax.device_put(params, _replicated(mesh)) if mesh is not None else jax.device_put(params)
-        self._run = make_inference_fn(cfg.hift)
-        block = (frame_bucket * cfg.hift.hop_size, cfg.hift.nb_harmonics + 1)
-
-        def draw(key, n_blocks: int):
-            ks = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_blocks))
-            return jax.vmap(lambda k: jax.random.normal(k, block, jnp.float32))(ks).reshape(-1, block[1])
-
-        self._draw = jax.jit(jax.vmap(draw, in_axes=(0, None)), static_argnums=1)
-
-    def noise(self, keys, frames_padded: int) -> np.ndarray:
-        if self.noise_fn is not None:
-            return np.asarray(self.noise_fn(len(keys), frames_padded * self.cfg.hop_size), np.float32)
-        return self._draw(jnp.stack(list(keys)), frames_padded // self.frame_bucket)
-
-    def __call__(self, mels: list[np.ndarray], keys, cache_source: Optional[np.ndarray] = None
-                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """``mels``: list of (F_b, 80), ``keys``: one PRNG key per row ->
-        (audio list (F_b*hop,), source list (F_b*hop,))."""
-        hop = self.cfg.hop_size
-        n = len(mels)
-        keys = list(keys)
-        lens = np.array([m.shape[0] for m in mels], np.int32)
-        if np.any(lens <= 0):
-            raise ConfigError("vocoder: a mel has no frames")
-        rows = _pad_rows(n, self.mesh)
-        if rows > n:  # dummy rows (copies of row 0) so the batch splits evenly over the mesh
-            mels, keys = list(mels) + [mels[0]] * (rows - n), keys + [keys[0]] * (rows - n)
-            lens = np.concatenate([lens, np.repeat(lens[:1], rows - n)])
-        fpad = -(-int(lens.max()) // self.frame_bucket) * self.frame_bucket
-        x = np.zeros((rows, fpad, mels[0].shape[1]), np.float32)
-        for b, m in enumerate(mels):
-            x[b, : m.shape[0]] = m
-        noise = self.noise(keys, fpad)
-        if self.mesh is not None:
-            x, lens_d, noise = (jax.device_put(a, _row_sharded(self.mesh, np.ndim(a))) for a in (x, lens, noise))
-            audio, source = self._run(self.params, x, None, lens_d, cache_source, noise)
-        else:
-            audio, source = self._run(self.params, x, None, lens, cache_source, noise)
-        audio, source = np.asarray(audio), np.asarray(source)
-        return ([audio[b, : lens[b] * hop] for b in range(n)], [source[b, : lens[b] * hop] for b in range(n)])
-
-    def compiled_programs(self) -> int:
-        return self._run._cache_size()
-
-
 class Token2Wav:
     """Flow + vocoder for one model; stateless apart from jit caches (safe to share between requests)."""
 
@@ -165,58 +78,16 @@ class Token2Wav:
                  token_bucket: int = 50, max_stream_frames: int = 6000, initial_stream_frames: int = 600,
                  mesh=None):
         self.cfg, self.mesh = cfg, mesh
-        self.flow_params = jax.device_put(flow_params, _replicated(mesh)) if mesh is not None else jax.device_put(flow_params)
         self.stream_cfg = streaming or cfg.streaming
-        self.vocoder = Vocoder(cfg, hift_params, noise_fn=noise_fn, mesh=mesh)
-        self.flow_cache, self.token_bucket = flow_cache, token_bucket
-        self.max_stream_frames, self.initial_stream_frames = max_stream_frames, initial_stream_frames
-        self._streamer = None
-
-    # -------------------------------------------------------------------------------- flow
-    def flow_mel(self, tokens: np.ndarray, prompt: FlowPrompt, *, streaming: bool, finalize: bool) -> np.ndarray:
-        """Official ``flow.inference`` for one utterance: mel frames after the prompt, (F, 80)."""
-        mels, _ = flow_model.inference_batch(
-            self.flow_params, self.cfg.flow, np.asarray(tokens, np.int32)[None], [len(tokens)],
-            prompt.token[None], [len(prompt.token)], prompt.feat[None], [prompt.feat.shape[0]],
-            prompt.embedding[None], streaming=streaming, finalize=finalize, token_bucket=self.token_bucket)
-        return mels[0]
-
-    def flow_mel_batch(self, tokens: list[np.ndarray], prompts: list[FlowPrompt]) -> list[np.ndarray]:
-        """Non-streaming flow for many utterances at once (per-row lengths, bucketed; with a mesh the
-        rows are split over its ``data`` axis)."""
-        n = len(tokens)
-        b = _pad_rows(n, self.mesh)
-        tokens, prompts = list(tokens) + [tokens[0]] * (b - n), list(prompts) + [prompts[0]] * (b - n)
-        s1 = max(1, max(len(t) for t in tokens))
-        s0 = max(1, max(len(p.token) for p in prompts))
-        f0 = max(1, max(p.feat.shape[0] for p in prompts))
-        tok = np.zeros((b, s1), np.int32)
-        ptok = np.zeros((b, s0), np.int32)
-        pfeat = np.zeros((b, f0, self.cfg.flow.output_size), np.float32)
-        for i, (t, p) in enumerate(zip(tokens, prompts)):
-            tok[i, : len(t)] = t
-            ptok[i, : len(p.token)] = p.token
-            pfeat[i, : p.feat.shape[0]] = p.feat
-        mels, _ = flow_model.inference_batch(
-            self.flow_params, self.cfg.flow, tok, [len(t) for t in tokens], ptok, [len(p.token) for p in prompts],
-            pfeat, [p.feat.shape[0] for p in prompts], np.stack([p.embedding for p in prompts]),
-            streaming=False, finalize=True, token_bucket=self.token_bucket,
-            place=None if self.mesh is None else (lambda a: jax.device_put(a, _row_sharded(self.mesh, np.ndim(a)))))
-        return mels[:n]
-
-    def streamer(self):
-        if self._streamer is None:
-            from ..flow.streaming import FlowStreamer
-
-            # caches start at initial_stream_frames and double on demand (4.6 MB per frame at full size)
-            self._streamer = FlowStreamer(self.flow_params, self.cfg.flow, max_frames=self.max_stream_frames,
-                                          initial_frames=self.initial_stream_frames)
-        return self._streamer
+        self.flow = MelGenerator(cfg.flow, flow_params, token_bucket=token_bucket, mesh=mesh,
+                                 max_stream_frames=max_stream_frames, initial_stream_frames=initial_stream_frames)
+        self.vocoder = Vocoder(cfg.hift, hift_params, noise_fn=noise_fn, mesh=mesh)
+        self.flow_cache = flow_cache
 
     # -------------------------------------------------------------------------------- whole utterance
     def full(self, tokens: np.ndarray, prompt: FlowPrompt, key, speed: float = 1.0) -> np.ndarray:
         """Non-streaming: flow over all tokens, speed change, one HiFT call -> (samples,)."""
-        mel = self.flow_mel(tokens, prompt, streaming=False, finalize=True)
+        mel = self.flow.mel(tokens, prompt, streaming=False, finalize=True)
         if speed != 1.0:
             mel = interpolate_linear(mel, int(mel.shape[0] / speed))
         audio, _ = self.vocoder([mel], [key])
@@ -224,7 +95,7 @@ class Token2Wav:
 
     def full_batch(self, tokens: list[np.ndarray], prompts: list[FlowPrompt], keys: list, speeds: list[float]
                    ) -> list[np.ndarray]:
-        mels = self.flow_mel_batch(tokens, prompts)
+        mels = self.flow.mel_batch(tokens, prompts)
         mels = [interpolate_linear(m, int(m.shape[0] / s)) if s != 1.0 else m for m, s in zip(mels, speeds)]
         audio, _ = self.vocoder(mels, keys)
         return audio
@@ -242,11 +113,12 @@ class Token2Wav:
         hop = next(hops)
         tokens: list[int] = []
         offset = 0
-        window = hamming(2 * s.source_cache_len)
+        src_cache = self.cfg.source_cache_len
+        window = hamming(2 * src_cache)
         hift_cache: Optional[dict] = None
         keys = iter(jax.random.split(key, 1 << 12))
         use_cache = self.flow_cache
-        state = self.streamer().start(prompt.token, prompt.feat, prompt.embedding) if use_cache else None
+        state = self.flow.streamer().start(prompt.token, prompt.feat, prompt.embedding) if use_cache else None
         fed = 0  # tokens given to the cached streamer so far
 
         def vocode(mel: np.ndarray, finalize: bool) -> np.ndarray:
@@ -261,19 +133,19 @@ class Token2Wav:
                 audio = fade_in_out(audio, hift_cache["speech"], window)
             if finalize:
                 return audio
-            hift_cache = {"mel": mel[-s.mel_cache_len:], "source": source[-s.source_cache_len:],
-                          "speech": audio[-s.source_cache_len:]}
-            return audio[: -s.source_cache_len]
+            hift_cache = {"mel": mel[-s.mel_cache_len:], "source": source[-src_cache:],
+                          "speech": audio[-src_cache:]}
+            return audio[: -src_cache]
 
         for new in token_source:
             tokens.extend(int(t) for t in new)
             while len(tokens) - offset >= hop + L:
                 end = offset + hop + L
                 if use_cache:
-                    state, mel = self.streamer().push(state, np.asarray(tokens[fed:end], np.int32), finalize=False)
+                    state, mel = self.flow.streamer().push(state, np.asarray(tokens[fed:end], np.int32), finalize=False)
                     fed = end
                 else:
-                    mel = self.flow_mel(np.asarray(tokens[:end]), prompt, streaming=True, finalize=False)[self.cfg.flow.token_mel_ratio * offset:]
+                    mel = self.flow.mel(np.asarray(tokens[:end]), prompt, streaming=True, finalize=False)[self.cfg.flow.token_mel_ratio * offset:]
                 if on_chunk:
                     on_chunk({"tokens": end, "hop": hop, "frames": mel.shape[0]})
                 yield vocode(mel, finalize=False)
@@ -282,7 +154,7 @@ class Token2Wav:
         if not tokens:
             raise ConfigError("streaming token2wav: the token source produced no speech tokens")
         # final chunk: the official runs the flow without chunk masks over everything
-        mel = self.flow_mel(np.asarray(tokens), prompt, streaming=False, finalize=True)[self.cfg.flow.token_mel_ratio * offset:]
+        mel = self.flow.mel(np.asarray(tokens), prompt, streaming=False, finalize=True)[self.cfg.flow.token_mel_ratio * offset:]
         if on_chunk:
             on_chunk({"tokens": len(tokens), "hop": len(tokens) - offset, "frames": mel.shape[0], "final": True})
         yield vocode(mel, finalize=True)

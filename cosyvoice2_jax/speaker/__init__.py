@@ -1,6 +1,16 @@
-"""CAM++ speaker encoder (192-d x-vectors): model, converters (torch / ONNX), batched API."""
-from .modeling import CAMPPlus, SpeakerEncoder
-from .params import from_onnx, from_torch_state_dict, onnx_to_state_dict, to_torch_state_dict
+"""CAM++ speaker encoder (192-d x-vectors): model, converters (torch / ONNX), batched runtime.
 
-__all__ = ["CAMPPlus", "SpeakerEncoder", "from_onnx", "from_torch_state_dict", "onnx_to_state_dict",
-           "to_torch_state_dict"]
+Component contract (the same names in ``llm``, ``flow``, ``hift``, ``tokenizer``, ``speaker``):
+``abstract_params(cfg)``, ``init_params(cfg, key)``, ``param_axes(cfg)``, ``from_release(source, cfg)``
+(``campplus.onnx`` or a torch state dict), ``to_release(params, cfg)`` (the torch state dict),
+``RELEASE_FILE``, ``config_from_release(path, base)`` and the runtime wrapper (here
+:class:`SpeakerEncoder`).
+"""
+from .modeling import CAMPPlus
+from .params import abstract_params, config_from_release, from_release, init_params, param_axes, to_release
+from .runtime import SpeakerEncoder
+
+RELEASE_FILE = "campplus.onnx"
+
+__all__ = ["CAMPPlus", "RELEASE_FILE", "SpeakerEncoder", "abstract_params", "config_from_release", "from_release",
+           "init_params", "param_axes", "to_release"]

@@ -25,16 +25,11 @@ pooling) is masked with the row length, so a padded row gives the same embedding
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ..config import CampplusConfig
-from ..errors import AudioError
-from ..tokenizer.modeling import split_pow2
+from ..config import SpeakerConfig
 
 
 class FrozenBatchNorm(nn.Module):
@@ -211,7 +206,7 @@ def stats_pool(x_btc, mask_bt):
 
 
 class XVector(nn.Module):
-    config: CampplusConfig
+    config: SpeakerConfig
 
     @nn.compact
     def __call__(self, x_btc, mask_bt):
@@ -235,73 +230,10 @@ class CAMPPlus(nn.Module):
     """``__call__(feat_btf (B, T, 80), lengths_b (B,)) -> embedding (B, 192)`` (not normalised;
     CosyVoice 2 L2-normalises it in the flow)."""
 
-    config: CampplusConfig = CampplusConfig()
+    config: SpeakerConfig = SpeakerConfig()
 
     @nn.compact
     def __call__(self, feat_btf, lengths_b):
         mask = jnp.arange(feat_btf.shape[1])[None, :] < lengths_b[:, None]
         x = FCM(self.config.head_channels, self.config.bn_eps, name="head")(feat_btf, mask)
         return XVector(self.config, name="xvector")(x, mask)
-
-
-# ----------------------------------------------------------------------------------- batched API
-def _round_up(x: int, m: int) -> int:
-    return -(-x // m) * m
-
-
-
-
-class SpeakerEncoder:
-    """Batched, bucketed, jitted x-vector extraction.
-
-    ``embed(feats)`` takes a list of (T_i, 80) mean-normalised kaldi fbanks (see
-    ``cosyvoice2_jax.frontend.audio.kaldi_fbank``) and returns (N, 192) float32 embeddings.
-    Rows are grouped by frames rounded up to ``frame_bucket``; each group runs in batches whose
-    sizes are powers of two up to ``max_batch`` (no padded rows).
-    """
-
-    def __init__(self, params, config: CampplusConfig = CampplusConfig(), *, frame_bucket: int = 200,
-                 max_batch: int = 16):
-        self.params = params
-        self.config = config
-        self.frame_bucket = frame_bucket
-        self.max_batch = max_batch
-        self.model = CAMPPlus(config)
-        self._fn = jax.jit(lambda p, f, l: self.model.apply({"params": p}, f, l))
-
-    def embed(self, feats: Sequence[np.ndarray]) -> np.ndarray:
-        feats = [np.asarray(f, np.float32) for f in feats]
-        for u, f in enumerate(feats):
-            if f.ndim != 2 or f.shape[1] != self.config.feat_dim:
-                raise AudioError(f"utterance {u}: expected a (frames, {self.config.feat_dim}) kaldi fbank, got "
-                                 f"shape {f.shape}; compute it with frontend.audio.kaldi_fbank(wav_16k)")
-            if f.shape[0] < 2:
-                raise AudioError(f"utterance {u}: {f.shape[0]} fbank frame(s) is too short for a speaker "
-                                 "embedding (statistics pooling needs >= 2 frames after the stride-2 TDNN, "
-                                 "i.e. >= 0.05 s of audio)")
-        out = np.zeros((len(feats), self.config.embedding_size), np.float32)
-        groups: dict[int, list[int]] = {}
-        for i, f in enumerate(feats):
-            groups.setdefault(_round_up(len(f), self.frame_bucket), []).append(i)
-        for t_pad, members in sorted(groups.items()):
-            start = 0
-            for size in split_pow2(len(members), self.max_batch):
-                idx = members[start:start + size]
-                start += size
-                x = np.zeros((size, t_pad, self.config.feat_dim), np.float32)
-                lens = np.zeros((size,), np.int32)
-                for r, i in enumerate(idx):
-                    x[r, :len(feats[i])] = feats[i]
-                    lens[r] = len(feats[i])
-                emb = np.asarray(jax.device_get(self._fn(self.params, x, lens)))
-                out[idx] = emb
-        return out
-
-    def embed_wavs(self, wavs_16k: Sequence[np.ndarray]) -> np.ndarray:
-        """16 kHz mono waveforms -> (N, 192) (features by the project front end)."""
-        from ..frontend.audio import kaldi_fbank
-
-        return self.embed([kaldi_fbank(w) for w in wavs_16k])
-
-    def compiled_programs(self) -> int:
-        return self._fn._cache_size()

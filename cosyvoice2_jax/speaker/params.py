@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import CampplusConfig
+from ..config import SpeakerConfig
 from ..errors import ConversionError
-from ..params_util import CONV1D, CONV2D, Rule, convert, export
+from ..params_util import CONV1D, CONV2D, Rule, convert, export, load_onnx, onnx_constants
 from .modeling import CAMPPlus
 
 _BN = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
@@ -67,13 +67,18 @@ RULES = [
 IGNORE = (r".*num_batches_tracked$",)
 
 
-def abstract_params(config: CampplusConfig = CampplusConfig()):
-    model = CAMPPlus(config)
-    feat = jnp.zeros((1, 16, config.feat_dim), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), feat, jnp.full((1,), 16, jnp.int32)))["params"]
+def init_params(cfg: SpeakerConfig, key) -> dict:
+    """Random params of :class:`CAMPPlus` for ``cfg`` (batch-norm statistics included: mean 0, var 1)."""
+    feat = jnp.zeros((1, 16, cfg.feat_dim), jnp.float32)
+    return CAMPPlus(cfg).init(key, feat, jnp.full((1,), 16, jnp.int32))["params"]
 
 
-def from_torch_state_dict(sd: Mapping[str, Any], config: CampplusConfig = CampplusConfig(),
+def abstract_params(cfg: SpeakerConfig = SpeakerConfig()):
+    """ShapeDtypeStruct tree of the model's params (no allocation)."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
+
+
+def from_torch_state_dict(sd: Mapping[str, Any], config: SpeakerConfig = SpeakerConfig(),
                           what: str = "CAMPPlus state dict") -> dict:
     """Torch ``CAMPPlus.state_dict()`` -> params, strictly."""
     return convert(sd, RULES, expected=abstract_params(config), ignore=IGNORE, what=what)
@@ -88,7 +93,7 @@ def to_torch_state_dict(params) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- ONNX
-def forward_order(config: CampplusConfig = CampplusConfig()) -> list[tuple]:
+def forward_order(config: SpeakerConfig = SpeakerConfig()) -> list[tuple]:
     """The parametrised layers in forward order: ``("conv", prefix, bn_prefix | None, has_bias)``
     or ``("bn", prefix, affine)``, torch module prefixes."""
     out: list[tuple] = [("conv", "head.conv1", "head.bn1", False)]
@@ -119,11 +124,9 @@ def forward_order(config: CampplusConfig = CampplusConfig()) -> list[tuple]:
 _PASS_THROUGH = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten", "Cast"}
 
 
-def onnx_to_state_dict(path_or_model, config: CampplusConfig = CampplusConfig()) -> dict[str, np.ndarray]:
+def onnx_to_state_dict(path_or_model, config: SpeakerConfig = SpeakerConfig()) -> dict[str, np.ndarray]:
     """Read ``campplus.onnx`` by graph structure -> torch-named state dict (see module docstring)."""
-    from ..tokenizer.params import _load_onnx, onnx_constants
-
-    model, numpy_helper = _load_onnx(path_or_model)
+    model, numpy_helper = load_onnx(path_or_model)
     consts = onnx_constants(model, numpy_helper)
     expected = to_torch_state_dict(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(config)))
     eps = config.bn_eps
@@ -252,13 +255,27 @@ def onnx_to_state_dict(path_or_model, config: CampplusConfig = CampplusConfig())
     return sd
 
 
-def from_onnx(path_or_model, config: CampplusConfig = CampplusConfig()) -> dict:
+def from_onnx(path_or_model, config: SpeakerConfig = SpeakerConfig()) -> dict:
     """``campplus.onnx`` -> params (strict)."""
     return from_torch_state_dict(onnx_to_state_dict(path_or_model, config), config, what="campplus.onnx")
 
 
+def from_release(source, cfg: SpeakerConfig) -> dict:
+    """The release's ``campplus.onnx`` (path or ``onnx.ModelProto``), or a torch ``CAMPPlus`` state
+    dict (a mapping, e.g. :func:`to_release` output) -> params."""
+    if isinstance(source, Mapping):
+        return from_torch_state_dict(source, cfg)
+    return from_onnx(source, cfg)
 
-def config_from_onnx(path_or_model, base: CampplusConfig = CampplusConfig()) -> CampplusConfig:
+
+def to_release(params, cfg: SpeakerConfig | None = None) -> dict[str, np.ndarray]:
+    """Params -> the torch ``CAMPPlus`` state dict (numpy), which :func:`from_release` reads back.
+    The ONNX graph itself is not re-exported: ``export`` copies the release's file."""
+    return to_torch_state_dict(params)
+
+
+
+def config_from_release(path_or_model, base: SpeakerConfig = SpeakerConfig()) -> SpeakerConfig:
     """Read the CAM++ sizes of a ``campplus.onnx`` from its weight shapes, in graph order.
 
     * the first 4-D conv (``head.conv1``, ``(head_channels, 1, 3, 3)``) gives ``head_channels``;
@@ -274,9 +291,7 @@ def config_from_onnx(path_or_model, base: CampplusConfig = CampplusConfig()) -> 
     """
     import dataclasses
 
-    from ..tokenizer.params import _load_onnx, onnx_constants
-
-    model, numpy_helper = _load_onnx(path_or_model)
+    model, numpy_helper = load_onnx(path_or_model)
     consts = onnx_constants(model, numpy_helper)
     convs = []  # (weight shape, dilation) of parametrised 1-D convs / dense layers, graph order
     head_channels = None
@@ -333,3 +348,10 @@ def config_from_onnx(path_or_model, base: CampplusConfig = CampplusConfig()) -> 
                                bn_size=bn_channels // growth, init_channels=init_channels,
                                block_layers=tuple(blocks), block_kernel_sizes=tuple(kernels),
                                block_dilations=tuple(dilations), head_channels=head_channels)
+
+
+def param_axes(cfg: SpeakerConfig) -> dict:
+    """Logical axes of every param leaf (:func:`cosyvoice2_jax.sharding.axes_by_rule`)."""
+    from ..sharding import axes_by_rule
+
+    return axes_by_rule(abstract_params(cfg))

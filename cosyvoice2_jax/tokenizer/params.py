@@ -22,16 +22,15 @@ torch ``S3TokenizerV2`` itself loads too.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import SpeechTokenizerConfig
-from ..errors import ConversionError, ReleaseDirError
-from ..params_util import CONV1D, LINEAR, Rule, convert, export
+from ..config import TokenizerConfig
+from ..errors import ConversionError
+from ..params_util import CONV1D, LINEAR, Rule, convert, export, load_onnx, onnx_constants
 from .modeling import S3TokenizerV2
 
 RULES = [
@@ -51,15 +50,18 @@ RULES = [
 ]
 
 
-def abstract_params(config: SpeechTokenizerConfig = SpeechTokenizerConfig()):
+def init_params(cfg: TokenizerConfig, key) -> dict:
+    """Random params of :class:`S3TokenizerV2` for ``cfg``."""
+    mel = jnp.zeros((1, 16, cfg.n_mels), jnp.float32)
+    return S3TokenizerV2(cfg).init(key, mel, jnp.full((1,), 16, jnp.int32))["params"]
+
+
+def abstract_params(cfg: TokenizerConfig = TokenizerConfig()):
     """ShapeDtypeStruct tree of the model's params (no allocation)."""
-    model = S3TokenizerV2(config)
-    mel = jnp.zeros((1, 16, config.n_mels), jnp.float32)
-    lens = jnp.full((1,), 16, jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), mel, lens))["params"]
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0)))
 
 
-def from_torch_state_dict(sd: Mapping[str, Any], config: SpeechTokenizerConfig = SpeechTokenizerConfig(),
+def from_torch_state_dict(sd: Mapping[str, Any], config: TokenizerConfig = TokenizerConfig(),
                           what: str = "S3TokenizerV2 state dict") -> dict:
     """Torch ``S3TokenizerV2.state_dict()`` (tensors or arrays) -> params, strictly."""
     return convert(sd, RULES, expected=abstract_params(config), what=what)
@@ -71,43 +73,12 @@ def to_torch_state_dict(params) -> dict[str, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------- ONNX
-def _load_onnx(path_or_model):
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise ConversionError("reading an ONNX file needs the `onnx` package: pip install onnx") from None
-    if isinstance(path_or_model, (str, Path)):
-        p = Path(path_or_model)
-        if not p.is_file():
-            raise ReleaseDirError(f"ONNX file {p} does not exist (the release ships speech_tokenizer_v2.onnx "
-                                  "next to llm.pt / flow.pt / hift.pt)")
-        try:
-            model = onnx.load(str(p))
-        except Exception as e:
-            raise ConversionError(f"could not parse {p} as ONNX: {e}") from None
-    else:
-        model = path_or_model
-    return model, numpy_helper
-
-
-def onnx_constants(model, numpy_helper) -> dict[str, np.ndarray]:
-    """Initializers plus ``Constant`` node outputs, by tensor name."""
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    consts[node.output[0]] = numpy_helper.to_array(a.t)
-    return consts
-
-
 _BLOCK = re.compile(r"^(?:/encoder)?/blocks\.(\d+)/(.+)/([A-Za-z]+)(?:_\d+)?$")
 
 
-def onnx_to_state_dict(path_or_model, config: SpeechTokenizerConfig = SpeechTokenizerConfig()) -> dict[str, np.ndarray]:
+def onnx_to_state_dict(path_or_model, config: TokenizerConfig = TokenizerConfig()) -> dict[str, np.ndarray]:
     """Read ``speech_tokenizer_v2.onnx`` (path or loaded ``onnx.ModelProto``) -> torch-named state dict."""
-    model, numpy_helper = _load_onnx(path_or_model)
+    model, numpy_helper = load_onnx(path_or_model)
     consts = onnx_constants(model, numpy_helper)
     d = config.n_audio_state
     sd: dict[str, np.ndarray] = {}
@@ -168,13 +139,27 @@ def onnx_to_state_dict(path_or_model, config: SpeechTokenizerConfig = SpeechToke
     return sd
 
 
-def from_onnx(path_or_model, config: SpeechTokenizerConfig = SpeechTokenizerConfig()) -> dict:
+def from_onnx(path_or_model, config: TokenizerConfig = TokenizerConfig()) -> dict:
     """``speech_tokenizer_v2.onnx`` -> params (strict: every parameter must be found)."""
     sd = onnx_to_state_dict(path_or_model, config)
     return from_torch_state_dict(sd, config, what="speech_tokenizer_v2.onnx")
 
 
-def config_from_onnx(path_or_model, base: SpeechTokenizerConfig = SpeechTokenizerConfig()) -> SpeechTokenizerConfig:
+def from_release(source, cfg: TokenizerConfig) -> dict:
+    """The release's ``speech_tokenizer_v2.onnx`` (path or ``onnx.ModelProto``), or a torch
+    ``S3TokenizerV2`` state dict (a mapping, e.g. :func:`to_release` output) -> params."""
+    if isinstance(source, Mapping):
+        return from_torch_state_dict(source, cfg)
+    return from_onnx(source, cfg)
+
+
+def to_release(params, cfg: TokenizerConfig | None = None) -> dict[str, np.ndarray]:
+    """Params -> the torch ``S3TokenizerV2`` state dict (numpy), which :func:`from_release` reads back.
+    The ONNX graph itself is not re-exported: ``export`` copies the release's file."""
+    return to_torch_state_dict(params)
+
+
+def config_from_release(path_or_model, base: TokenizerConfig = TokenizerConfig()) -> TokenizerConfig:
     """Read the model sizes of a ``speech_tokenizer_v2.onnx`` from its initializer shapes.
 
     ``n_audio_state`` and ``n_mels`` come from the first dense conv (``(D, n_mels, 3)``), the layer
@@ -185,7 +170,7 @@ def config_from_onnx(path_or_model, base: SpeechTokenizerConfig = SpeechTokenize
     """
     import dataclasses
 
-    model, numpy_helper = _load_onnx(path_or_model)
+    model, numpy_helper = load_onnx(path_or_model)
     consts = onnx_constants(model, numpy_helper)
     d = n_mels = fsmn = None
     blocks = set()
@@ -215,3 +200,10 @@ def config_from_onnx(path_or_model, base: SpeechTokenizerConfig = SpeechTokenize
     return dataclasses.replace(base, n_mels=n_mels, n_audio_state=d, n_audio_head=heads,
                                n_audio_layer=max(blocks) + 1, fsmn_kernel_size=fsmn or base.fsmn_kernel_size,
                                fsq_dim=fsq)
+
+
+def param_axes(cfg: TokenizerConfig) -> dict:
+    """Logical axes of every param leaf (:func:`cosyvoice2_jax.sharding.axes_by_rule`)."""
+    from ..sharding import axes_by_rule
+
+    return axes_by_rule(abstract_params(cfg))

@@ -10,6 +10,7 @@ fixed-shape batch have no valid frames and add nothing to the loss.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,10 +23,11 @@ from ..flow import modeling as F
 @dataclasses.dataclass
 class FlowObjective:
     cfg: FlowConfig
+    init_from: Any = None  # params to start from (e.g. a released flow.pt), else random
     name: str = "flow"
 
     def init_params(self, rng):
-        return F.init_params(self.cfg, rng)
+        return self.init_from if self.init_from is not None else F.init_params(self.cfg, rng)
 
     def loss_fn(self, params, batch, rng):
         cfg = self.cfg

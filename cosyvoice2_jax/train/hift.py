@@ -11,9 +11,9 @@ Each batch makes two optimizer steps, in the official order:
 
 Inputs (:mod:`cosyvoice2_jax.train.data` in GAN mode): ``speech (B, W)`` real 24 kHz crops,
 ``speech_feat (B, F, 80)`` their mels (W = 480 F), ``pitch_feat (B, F)`` the WORLD F0 target and
-``valid (B,)``. Every loss is a mean over the *valid rows* (a padding row adds nothing); with all
-rows valid this is exactly the official batch mean. The generator's source noise is drawn from the
-step key per turn (the official draws ``randn_like`` in each forward); ``batch["noise_d"]`` /
+``valid (B,)``. Every loss is a mean over the *valid rows* (a padding row adds nothing: the row
+weights of the losses in :mod:`cosyvoice2_jax.hift.discriminator`); with all rows valid this is the
+official batch mean. The generator's source noise is drawn from the step key per turn (the official draws ``randn_like`` in each forward); ``batch["noise_d"]`` /
 ``batch["noise_g"]`` ``(B, W, 9)`` replay recorded draws (parity tests).
 
 Optimizers (official ``train_conf_gan``): two Adams with their own schedules (generator
@@ -25,9 +25,8 @@ parameters of the wrapper); a step with a non-finite norm is skipped. ``accum_gr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,7 +35,7 @@ from ..config import HiFTConfig
 from ..errors import ConfigError
 from ..hift import discriminator as D
 from ..hift.modeling import HiFTGenerator, source_noise
-from . import mesh as M
+from .. import sharding as M
 from .optim import OptimConfig, make_optimizer
 
 TURNS = ("discriminator", "generator")
@@ -59,105 +58,9 @@ class GANConfig:
     tpr_tau: float = 0.04
 
 
-class Discriminator(nn.Module):
-    """:class:`cosyvoice2_jax.hift.discriminator.MultipleDiscriminator` with configurable
-    sub-discriminators (same param names: ``mpd/discriminators_i``, ``mrd/discriminators_i``);
-    the defaults are the official ones."""
-
-    periods: Sequence[int] = (2, 3, 5, 7, 11)
-    mrd: str = "spec"
-    fft_sizes: Sequence[int] = (1024, 2048, 512)
-    hop_sizes: Sequence[int] = (120, 240, 50)
-    win_lengths: Sequence[int] = (600, 1200, 240)
-
-    @nn.compact
-    def __call__(self, y, y_hat):
-        B = y.shape[0]
-        both = jnp.concatenate([y, y_hat], axis=0)   # real and generated in one batch of 2B
-        s1, f1 = D.MultiPeriodDiscriminator(tuple(self.periods), name="mpd")(both)
-        if self.mrd == "spec":
-            s2, f2 = D.MultiResSpecDiscriminator(tuple(self.fft_sizes), tuple(self.hop_sizes),
-                                                 tuple(self.win_lengths), name="mrd")(both)
-        elif self.mrd == "resolution":
-            s2, f2 = D.MultiResolutionDiscriminator(tuple(self.fft_sizes), name="mrd")(both)
-        else:
-            raise ConfigError(f"gan.mrd must be 'spec' or 'resolution', got {self.mrd!r}")
-        scores, fmaps = s1 + s2, f1 + f2
-        return ([s[:B] for s in scores], [s[B:] for s in scores],
-                [[f[:B] for f in fl] for fl in fmaps], [[f[B:] for f in fl] for fl in fmaps])
-
-
-def discriminator_params_from_torch(state_dict, gan: GANConfig = GANConfig()) -> dict:
-    """Official discriminator state dict (``discriminator.`` prefix optional) -> params of
-    :class:`Discriminator` for ``gan`` (strict, via the table of :mod:`cosyvoice2_jax.hift.params`;
-    export with :func:`cosyvoice2_jax.hift.params.discriminator_to_torch`)."""
-    import numpy as np
-
-    from ..hift.params import DISCRIMINATOR_IGNORE, discriminator_rules
-    from ..params_util import convert
-
-    sd = dict(state_dict)
-    if sd and all(k.startswith("discriminator.") for k in sd):
-        sd = {k[len("discriminator."):]: v for k, v in sd.items()}
-    mod = Discriminator(gan.mpd_periods, gan.mrd, gan.mrd_fft_sizes, gan.mrd_hop_sizes, gan.mrd_win_lengths)
-    y = jnp.zeros((1, 4800))
-    expected = jax.eval_shape(lambda: mod.init(jax.random.key(0), y, y)["params"])
-    params = convert(sd, discriminator_rules(), expected=expected, what="discriminator", ignore=DISCRIMINATOR_IGNORE)
-    return jax.tree.map(np.asarray, params)
-
-
-# ----------------------------------------------------------------------------------- row-masked losses
-def _row_mean(x: jax.Array, w: jax.Array) -> jax.Array:
-    """Mean over all but the batch axis, then the ``w``-weighted mean over rows (``w`` sums > 0).
-    With all weights 1 this equals ``x.mean()``."""
-    per_row = jnp.mean(x.reshape(x.shape[0], -1), axis=1)
-    return jnp.sum(per_row * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
-def _masked_lower_median(x: jax.Array, w: jax.Array) -> jax.Array:
-    """torch.median (lower middle value) over the elements of the valid rows of ``x (B, N)``."""
-    flat = jnp.where(w[:, None] > 0, x, jnp.inf).reshape(-1)
-    count = jnp.sum(w > 0) * x.shape[1]
-    return jnp.sort(flat)[jnp.maximum(count - 1, 0) // 2]
-
-
-def tpr_loss(disc_real, disc_generated, w, tau: float = 0.04) -> jax.Array:
-    """``cosyvoice/utils/losses.py`` ``tpr_loss`` over valid rows (see :func:`D.tpr_loss`). An empty
-    selection (all differences equal) gives 0 here where the official mean of nothing is NaN."""
-    loss = 0.0
-    for dr, dg in zip(disc_real, disc_generated):
-        dr, dg = dr.reshape(dr.shape[0], -1), dg.reshape(dg.shape[0], -1)
-        d = dr - dg
-        m = _masked_lower_median(d, w)
-        sel = ((dr < dg + m) & (w[:, None] > 0)).astype(d.dtype)
-        l_rel = jnp.sum(jnp.square(d - m) * sel) / jnp.maximum(jnp.sum(sel), 1.0)
-        loss = loss + (tau - jax.nn.relu(tau - l_rel))
-    return loss
-
-
-def generator_losses(y_d_rs, y_d_gs, fmap_rs, fmap_gs, real, generated, generated_f0, pitch_feat, w, *,
-                     mel_weight=45.0, fm_weight=2.0, tpr_weight=1.0, tpr_tau=0.04) -> dict[str, jax.Array]:
-    """``HiFiGan.forward_generator`` losses, row-weighted by ``w (B,)``."""
-    out = {
-        "loss_gen": sum(_row_mean(jnp.square(1.0 - dg), w) for dg in y_d_gs),
-        "loss_fm": 2.0 * sum(_row_mean(jnp.abs(r - g), w)
-                             for fr, fg in zip(fmap_rs, fmap_gs) for r, g in zip(fr, fg)),
-        "loss_mel": _row_mean(jnp.abs(D.gan_mel(generated) - D.gan_mel(real)), w),
-        "loss_tpr": tpr_loss(y_d_gs, y_d_rs, w, tpr_tau) if tpr_weight else jnp.zeros(()),
-        "loss_f0": _row_mean(jnp.abs(generated_f0 - pitch_feat), w),
-    }
-    out["loss"] = (out["loss_gen"] + fm_weight * out["loss_fm"] + mel_weight * out["loss_mel"]
-                   + tpr_weight * out["loss_tpr"] + out["loss_f0"])
-    return out
-
-
-def discriminator_losses(y_d_rs, y_d_gs, w, *, tpr_weight=1.0, tpr_tau=0.04) -> dict[str, jax.Array]:
-    """``HiFiGan.forward_discriminator`` losses, row-weighted by ``w (B,)``."""
-    out = {"loss_disc": sum(_row_mean(jnp.square(1.0 - dr), w) + _row_mean(jnp.square(dg), w)
-                            for dr, dg in zip(y_d_rs, y_d_gs)),
-           "loss_tpr": tpr_loss(y_d_rs, y_d_gs, w, tpr_tau) if tpr_weight else jnp.zeros(())}
-    out["loss"] = out["loss_disc"] + tpr_weight * out["loss_tpr"]
-    return out
+def make_discriminator(gan: GANConfig = GANConfig()) -> D.MultipleDiscriminator:
+    """The official ``MultipleDiscriminator`` with ``gan``'s sub-discriminator lists."""
+    return D.MultipleDiscriminator(gan.mrd, gan.mpd_periods, gan.mrd_fft_sizes, gan.mrd_hop_sizes, gan.mrd_win_lengths)
 
 
 # ----------------------------------------------------------------------------------- objective
@@ -177,8 +80,7 @@ class HiFTGANObjective:
 
     def __post_init__(self):
         self.generator = HiFTGenerator(self.cfg)
-        g = self.gan
-        self.discriminator = Discriminator(g.mpd_periods, g.mrd, g.mrd_fft_sizes, g.mrd_hop_sizes, g.mrd_win_lengths)
+        self.discriminator = make_discriminator(self.gan)
 
     def init_params(self, rng):
         kg, kd = jax.random.split(rng)
@@ -219,8 +121,8 @@ class HiFTGANObjective:
         audio, _ = self.generate(jax.lax.stop_gradient(params["generator"]), batch, rng, "noise_d")
         audio = jax.lax.stop_gradient(audio)
         y_d_rs, y_d_gs, _, _ = self.discriminator.apply({"params": params["discriminator"]}, batch["speech"], audio)
-        out = discriminator_losses(y_d_rs, y_d_gs, self._weights(batch), tpr_weight=self.gan.tpr_weight,
-                                   tpr_tau=self.gan.tpr_tau)
+        out = D.discriminator_losses(y_d_rs, y_d_gs, self._weights(batch), tpr_weight=self.gan.tpr_weight,
+                                     tpr_tau=self.gan.tpr_tau)
         loss = out.pop("loss")
         return loss, out
 
@@ -228,9 +130,9 @@ class HiFTGANObjective:
         self._check(batch)
         audio, f0 = self.generate(params["generator"], batch, rng, "noise_g")
         outs = self.discriminator.apply({"params": params["discriminator"]}, batch["speech"], audio)
-        out = generator_losses(*outs, batch["speech"], audio, f0, batch["pitch_feat"], self._weights(batch),
-                               mel_weight=self.gan.mel_weight, fm_weight=self.gan.fm_weight,
-                               tpr_weight=self.gan.tpr_weight, tpr_tau=self.gan.tpr_tau)
+        out = D.generator_losses(*outs, batch["speech"], audio, f0, batch["pitch_feat"], self._weights(batch),
+                                 mel_weight=self.gan.mel_weight, fm_weight=self.gan.fm_weight,
+                                 tpr_weight=self.gan.tpr_weight, tpr_tau=self.gan.tpr_tau)
         loss = out.pop("loss")
         return loss, out
 

@@ -9,6 +9,7 @@ resumes from the latest checkpoint in ``train.workdir`` with the exact data posi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 from typing import Sequence
@@ -60,18 +61,10 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
         p = p / name
     if not p.is_file():
         raise ConfigError(f"init_from: {p} does not exist (give a release directory or the {name} file)")
-    if tf.objective == "flow":
-        from ..flow import params as fp
-
-        return fp.load(p, cfg.flow)
-    if tf.objective == "hift":  # the released generator; the discriminator starts from scratch
-        from ..hift import params as hp
-        from ..params_util import load_torch_checkpoint
-
-        return {"generator": hp.from_torch(load_torch_checkpoint(p), cfg.hift, what=str(p))}
-    from ..llm import params as lp
-
-    return lp.load_params(str(p), cfg.lm)
+    component = {"lm": "llm", "dpo": "llm", "flow": "flow", "hift": "hift"}[tf.objective]
+    params = importlib.import_module(f"cosyvoice2_jax.{component}").from_release(p, getattr(cfg, component))
+    # HiFT: the released generator; the discriminator starts from scratch
+    return {"generator": params} if tf.objective == "hift" else params
 
 
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
@@ -88,18 +81,14 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     if tf.objective == "lm":
         from .lm import LMObjective
 
-        obj = LMObjective(cfg.lm)
-    elif tf.objective == "dpo":
+        return LMObjective(cfg.llm, init_from=init)
+    if tf.objective == "dpo":
         from .lm import DPOObjective
 
-        return DPOObjective(cfg.lm, init_from=init)
-    else:
-        from .flow import FlowObjective
+        return DPOObjective(cfg.llm, init_from=init)
+    from .flow import FlowObjective
 
-        obj = FlowObjective(cfg.flow)
-    if init is not None:
-        obj.init_params = lambda rng, _p=init: _p  # start from the given weights
-    return obj
+    return FlowObjective(cfg.flow, init_from=init)
 
 
 def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:

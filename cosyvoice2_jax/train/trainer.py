@@ -1,13 +1,15 @@
 """Sharded train steps and the resumable training loop.
 
-An :class:`Objective` knows its model: how to initialise params (with logical axis metadata),
-and its loss ``loss_fn(params, batch, rng) -> (loss, metrics)``. The trainer owns everything
+An :class:`Objective` knows its model: how to initialise params (optionally the given starting
+weights, ``init_from``), the logical axes of its params (``param_axes()``, from the component's
+contract; else taken from ``nn.with_logical_partitioning`` boxes, else FSDP by shape:
+:mod:`cosyvoice2_jax.sharding`), and its loss ``loss_fn(params, batch, rng) -> (loss, metrics)``. The trainer owns everything
 else: the mesh, the jitted step with NamedSharding in/out (state donated), the optimizer, the data
 iterator, Orbax checkpoints that carry the data state, metrics (stdout + TensorBoard events).
 
 Mixed precision (``TrainConfig.precision``): ``fp32`` (default) or ``bf16``: params and optimizer
 state stay fp32; the step casts the floating params to bf16 at its boundary and the model computes
-in bf16 through its ``dtype`` config field (:func:`precision_model_config` sets ``LMConfig.dtype`` /
+in bf16 through its ``dtype`` config field (:func:`precision_model_config` sets ``LLMConfig.dtype`` /
 ``FlowConfig.dtype``); gradients arrive as fp32 (the cotangents of the casts), the loss and metrics
 are returned in fp32 and the optimizer (clip, Adam) runs in fp32.
 
@@ -29,10 +31,9 @@ from typing import Any, Callable, Iterator, Protocol
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from . import mesh as M
+from .. import sharding as M
 from .checkpoint import Checkpointer
 from .optim import OptimConfig, make_optimizer
 
@@ -75,13 +76,13 @@ def _check_precision(precision: str):
 
 
 def precision_model_config(model_cfg, precision: str):
-    """``model_cfg`` (an LMConfig, FlowConfig or ModelConfig) with its compute ``dtype`` fields set
+    """``model_cfg`` (an LLMConfig, FlowConfig or ModelConfig) with its compute ``dtype`` fields set
     for ``precision`` (``bf16`` -> ``"bfloat16"``); fp32 returns it unchanged."""
     _check_precision(precision)
     if precision == "fp32":
         return model_cfg
-    if hasattr(model_cfg, "lm") and hasattr(model_cfg, "flow"):
-        return dataclasses.replace(model_cfg, lm=precision_model_config(model_cfg.lm, precision),
+    if hasattr(model_cfg, "llm") and hasattr(model_cfg, "flow"):
+        return dataclasses.replace(model_cfg, llm=precision_model_config(model_cfg.llm, precision),
                                    flow=precision_model_config(model_cfg.flow, precision))
     if hasattr(model_cfg, "dtype"):
         return dataclasses.replace(model_cfg, dtype="bfloat16")
@@ -126,18 +127,14 @@ def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.M
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
     abstract = jax.eval_shape(init)
-    boxed_abs = jax.eval_shape(lambda: objective.init_params(key))
-    logical = nn.get_partition_spec(boxed_abs)
-    pshard = M.param_shardings(abstract["params"], mesh, _logical_tree(logical))
+    if hasattr(objective, "param_axes"):  # the component's logical axes (llm.param_axes, ...)
+        logical = objective.param_axes()
+    else:  # from nn.with_logical_partitioning boxes, if the objective's init keeps them
+        logical = M.axes_from_boxed(jax.eval_shape(lambda: objective.init_params(key)))
+    pshard = M.param_shardings(abstract["params"], mesh, logical)
     shardings = state_shardings(abstract, pshard, mesh)
     state = jax.jit(init, out_shardings=shardings)()
     return state, shardings
-
-
-def _logical_tree(specs):
-    """nn.get_partition_spec returns PartitionSpec of logical names; turn into tuples."""
-    return jax.tree.map(lambda s: tuple(s) if isinstance(s, jax.sharding.PartitionSpec) else None, specs,
-                        is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec) or s is None)
 
 
 def _key_path(path) -> tuple:

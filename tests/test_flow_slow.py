@@ -2,7 +2,7 @@
 ``CausalMaskedDiffWithXvec.inference``. Acceptance: max abs diff <= 1e-4 on the mel.
 
 Slow (~minutes on 2 cores: official build + JAX compile of the full model):
-``.venv/bin/python -m pytest -m slow tests/test_flow_full.py -q``
+``.venv/bin/python -m pytest -m slow tests/test_flow_slow.py -q``
 """
 from __future__ import annotations
 

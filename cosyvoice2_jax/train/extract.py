@@ -1,4 +1,4 @@
-"""Shared driver of the batched extraction scripts (speech tokens, speaker embeddings).
+"""Shared driver of the batched data-preparation scripts (speech tokens, speaker embeddings).
 
 ``scripts/extract_speech_tokens.py`` and ``scripts/extract_embeddings.py`` differ only in the
 feature function, the model and what they save; argument parsing, weight loading and the timed,
@@ -10,12 +10,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from ..errors import CosyVoiceError
-from .audio import load_wav
+from ..frontend.audio import load_wav
 from .datalist import read_wav_list
 
 
@@ -48,16 +48,24 @@ def parse(ap: argparse.ArgumentParser, argv: Sequence[str] | None):
     return args, items
 
 
-def load_weights(args, *, init: Callable[[int], Any], from_torch: Callable[[dict], Any],
-                 from_onnx: Callable[[Path], Any], onnx_name: str):
-    """Params from ``--random-init`` / ``--torch-ckpt`` / ``--onnx`` / ``--model-dir``."""
+def load_weights(args, component: str, cfg):
+    """``(params, cfg)`` of ``component`` (``"tokenizer"`` or ``"speaker"``) from ``--random-init``
+    (its ``init_params``), ``--torch-ckpt`` (a torch state dict) or ``--onnx`` / ``--model-dir``
+    (the release's ONNX file, whose sizes replace ``cfg``), all through the component's contract."""
+    import importlib
+
+    mod = importlib.import_module(f"cosyvoice2_jax.{component}")
     if args.random_init is not None:
-        return init(args.random_init)
+        import jax
+
+        return mod.init_params(cfg, jax.random.PRNGKey(args.random_init)), cfg
     if args.torch_ckpt:
         from ..params_util import load_torch_checkpoint
 
-        return from_torch(load_torch_checkpoint(args.torch_ckpt))
-    return from_onnx(Path(args.onnx) if args.onnx else Path(args.model_dir) / onnx_name)
+        return mod.from_release(load_torch_checkpoint(args.torch_ckpt), cfg), cfg
+    path = Path(args.onnx) if args.onnx else Path(args.model_dir) / mod.RELEASE_FILE
+    cfg = mod.config_from_release(path, cfg)
+    return mod.from_release(path, cfg), cfg
 
 
 def run(items: Sequence[tuple[str, str]], featurize: Callable[[np.ndarray], np.ndarray],

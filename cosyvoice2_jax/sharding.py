@@ -1,16 +1,21 @@
-"""Device mesh and sharding rules for training (and batched inference).
+"""Device meshes and shardings for training *and* inference: one logical-axis table for all models.
 
-Mesh axes are ``('data', 'fsdp', 'tensor')``:
+Mesh axes are ``('data', 'fsdp', 'tensor')`` (inference meshes may hold only ``data``):
 
 * ``data``: pure data parallelism (batch split, params replicated);
 * ``fsdp``: batch split *and* parameters/optimizer state sharded along their largest
   "embed"-like dimension (ZeRO-3 style), gathered by XLA where used;
 * ``tensor``: Megatron-style model parallelism of MLP/attention/vocab dimensions.
 
-Modules annotate kernels with logical axis names (``nn.with_logical_partitioning``); the single
-table :data:`LOGICAL_RULES` maps logical names to mesh axes. Unannotated parameters (most of the
-flow/HiFT convs) are replicated over ``tensor`` and sharded over ``fsdp`` on their largest
-divisible dimension by :func:`param_shardings`.
+Every component names the logical axes of its parameters (``param_axes(cfg)`` of ``llm``,
+``flow``, ``hift``, ``tokenizer``, ``speaker``: the LM from its ``nn.with_logical_partitioning``
+annotations, the convolutional models by :func:`axes_by_rule`); the single table
+:data:`LOGICAL_RULES` maps logical names to mesh axes, and :func:`param_shardings` drops a mesh
+axis that does not divide a dimension. Leaves given no logical axes are sharded over ``fsdp`` on
+their largest divisible dimension.
+
+Batches (training steps, batched synthesis) split their leading dimension over the mesh's batch
+axes (:func:`batch_sharding`, :func:`pad_rows`).
 
 Multi-host: call :func:`initialize_distributed` first on every host (it wraps
 ``jax.distributed.initialize``; on TPU pods and SLURM/Open MPI GPU clusters the arguments are
@@ -40,14 +45,17 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("embed", "fsdp"),  # model width: sharded for FSDP
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv_heads", None),  # 2 kv heads: too few to split
+    ("kv", None),  # k/v projections: 2 kv heads, too few to split
     ("head_dim", None),
     ("vocab", "tensor"),
     ("length", None),
     ("layers", None),
     ("conv_in", None),
     ("conv_out", "tensor"),
+    ("conv_kernel", None),  # kernel taps of a conv
+    ("norm", None),         # norm scales, biases, batch-norm statistics
 )
+BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +88,7 @@ def _looks_multihost() -> bool:
 
 
 def make_mesh(cfg: MeshConfig | Sequence[int] = MeshConfig(), devices=None) -> Mesh:
-    """Build a ``('data', 'fsdp', 'tensor')`` mesh with Auto axis types (see JAX_STACK pitfall 1)."""
+    """Build a ``('data', 'fsdp', 'tensor')`` mesh (Auto axis types: XLA propagates the shardings)."""
     if not isinstance(cfg, MeshConfig):
         cfg = MeshConfig(*cfg)
     devices = list(jax.devices() if devices is None else devices)
@@ -115,7 +123,7 @@ def logical_to_spec(logical: Sequence[str | None], rules=LOGICAL_RULES) -> P:
 
 def _fsdp_spec(shape: Sequence[int], mesh: Mesh) -> P:
     """Shard the largest dimension divisible by the fsdp size; replicate the rest."""
-    f = mesh.shape["fsdp"]
+    f = mesh.shape.get("fsdp", 1)
     if f == 1 or not shape:
         return P()
     dims = sorted(range(len(shape)), key=lambda i: -shape[i])
@@ -140,9 +148,9 @@ def param_shardings(params: Any, mesh: Mesh, logical_specs: Any = None, rules=LO
             # drop axes that do not divide the dimension
             fixed = []
             for dim, ax in zip(shape, spec):
-                axes = (ax,) if isinstance(ax, str) else tuple(ax or ())
+                axes = tuple(a for a in ((ax,) if isinstance(ax, str) else tuple(ax or ())) if a in mesh.shape)
                 size = math.prod(mesh.shape[a] for a in axes) if axes else 1
-                fixed.append(ax if axes and dim % size == 0 else None)
+                fixed.append((axes[0] if len(axes) == 1 else axes) if axes and dim % size == 0 else None)
             return NamedSharding(mesh, P(*fixed))
         return NamedSharding(mesh, _fsdp_spec(shape, mesh))
 
@@ -151,18 +159,44 @@ def param_shardings(params: Any, mesh: Mesh, logical_specs: Any = None, rules=LO
     return jax.tree.map(one, params, logical_specs, is_leaf=lambda v: isinstance(v, (tuple, P)) or v is None)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes a batch dimension is split over (those of :data:`BATCH_AXES` the mesh has)."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_size_multiple(mesh: Mesh | None) -> int:
+    """Rows of a batch must be a multiple of this (1 without a mesh)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def pad_rows(n: int, mesh: Mesh | None) -> int:
+    """``n`` rounded up so the rows split evenly over the mesh's batch axes."""
+    m = batch_size_multiple(mesh)
+    return -(-n // m) * m
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Batch arrays: leading dim split over data x fsdp."""
-    return NamedSharding(mesh, P(("data", "fsdp"), *([None] * (ndim - 1))))
+    """Batch arrays: leading dim split over the batch axes (data x fsdp), the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh), *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def place_replicated(tree: Any, mesh: Mesh | None) -> Any:
+    """Device copy of ``tree``: replicated over ``mesh``, or on the default device without one."""
+    return jax.device_put(tree) if mesh is None else jax.device_put(tree, replicated(mesh))
+
+
+def place_rows(x: Any, mesh: Mesh | None) -> Any:
+    """Place one batch array with its rows split over the mesh's batch axes (as is without a mesh)."""
+    return x if mesh is None else jax.device_put(x, batch_sharding(mesh, np.ndim(x)))
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place a host batch (dict of numpy arrays, leading dim = batch) on the mesh."""
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
+    n = batch_size_multiple(mesh)
 
     def put(x):
         x = np.asarray(x)
@@ -174,3 +208,49 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         return jax.device_put(x, batch_sharding(mesh, x.ndim))
 
     return jax.tree.map(put, batch)
+
+
+# ----------------------------------------------------------------------------------- logical axes of params
+def axes_by_rule(abstract_params: Any) -> Any:
+    """Logical axes of every leaf of a Flax param tree from its name and rank (the flow, HiFT,
+    tokenizer and speaker modules use torch-like layers without annotations):
+
+    * ``embedding`` ``(V, D)`` -> ``(vocab, embed)``;
+    * dense ``kernel`` ``(in, out)`` -> ``(embed, mlp)``;
+    * conv ``kernel`` / ``weight_v`` ``(k..., in, out)`` -> ``(conv_kernel..., conv_in, conv_out)``,
+      weight-norm gains ``weight_g`` likewise (their size-1 dims unsharded);
+    * everything else (biases, norm scales, batch-norm statistics, Snake alphas) -> ``norm``.
+    """
+    def one(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        nd = len(x.shape)
+        if name == "embedding" and nd == 2:
+            return ("vocab", "embed")
+        if name in ("kernel", "weight_v", "weight_g") and nd == 2:
+            return ("embed", "mlp")
+        if name in ("kernel", "weight_v", "weight_g") and nd >= 3:
+            return ("conv_kernel",) * (nd - 2) + ("conv_in", "conv_out")
+        return ("norm",) * nd
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params)
+
+
+def axes_from_boxed(boxed_abstract: Any) -> Any:
+    """Logical axes of an ``nn.with_logical_partitioning``-annotated (boxed) param tree."""
+    import flax.linen as nn
+
+    specs = nn.get_partition_spec(boxed_abstract)
+    return jax.tree.map(lambda s: tuple(s) if isinstance(s, P) else None, specs,
+                        is_leaf=lambda s: isinstance(s, P) or s is None)
+
+
+def is_axes(x: Any) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def place_params(params: Any, mesh: Mesh | None, axes: Any = None) -> Any:
+    """Put a component's params on ``mesh``: sharded by their logical ``axes`` (a matching tree of
+    tuples, e.g. ``llm.param_axes(cfg)``), replicated when ``axes`` is None."""
+    if mesh is None or axes is None:
+        return place_replicated(params, mesh)
+    return jax.device_put(params, param_shardings(params, mesh, axes))
