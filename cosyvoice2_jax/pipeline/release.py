@@ -184,7 +184,8 @@ def config_from_release_yaml(path: str | Path) -> ModelConfig:
     fenc = dataclasses.replace(
         base.flow.encoder, input_size=int(_pick(enc, "input_size", 512)), output_size=int(_pick(enc, "output_size", 512)),
         attention_heads=int(_pick(enc, "attention_heads", 8)), linear_units=int(_pick(enc, "linear_units", 2048)),
-        num_blocks=int(_pick(enc, "num_blocks", 6)))
+        num_blocks=int(_pick(enc, "num_blocks", 6)),
+        pre_lookahead_len=int(_pick(enc, "pre_lookahead_len", _pick(flow, "pre_lookahead_len", 3))))
     fdec = dataclasses.replace(
         base.flow.decoder, in_channels=int(_pick(est, "in_channels", 320)), out_channels=int(_pick(est, "out_channels", 80)),
         channels=tuple(_pick(est, "channels", [256])), attention_head_dim=int(_pick(est, "attention_head_dim", 64)),
@@ -201,7 +202,6 @@ def config_from_release_yaml(path: str | Path) -> ModelConfig:
     fl = FlowConfig(input_size=int(_pick(flow, "input_size", 512)), output_size=int(_pick(flow, "output_size", 80)),
                     spk_embed_dim=int(_pick(flow, "spk_embed_dim", 192)), vocab_size=int(_pick(flow, "vocab_size", 6561)),
                     input_frame_rate=int(_pick(flow, "input_frame_rate", 25)), token_mel_ratio=ratio,
-                    pre_lookahead_len=int(_pick(flow, "pre_lookahead_len", 3)),
                     only_mask_loss=bool(_pick(flow, "only_mask_loss", True)), encoder=fenc, decoder=fdec, cfm=fcfm)
     ist = hift.get("istft_params") or {}
     f0 = hift.get("f0_predictor") or {}
