@@ -258,7 +258,9 @@ def test_inference_parity(params, infer_inputs, infer_ref, streaming, finalize):
     close(mel, ref, 5e-5, what=f"inference streaming={streaming} finalize={finalize}")
 
 
-BF16_MEL_TOL = 1.0  # provisional
+# bf16 matmuls/convs: the 10-step CFG solve moved the mel by 0.86% of its peak (max abs diff, mean
+# 0.71% of the mean magnitude) on these inputs; bound ~3x that
+BF16_MEL_TOL = 0.025
 
 
 def test_bf16_inference_close_to_fp32(params, infer_inputs):

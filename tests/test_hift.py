@@ -137,7 +137,10 @@ def test_inference_fn_end_to_end_with_cache_source(hift, cases):
     np.testing.assert_allclose(np.asarray(audio), exact, atol=1e-4)
 
 
-BF16_AUDIO_TOL = 1.0  # provisional
+# bf16 convs (full-size generator, 200 frames, same source): measured max abs diff 0.055 on a waveform
+# peaking near the 0.99 clip, relative rms 3.6%; predicted F0 within 0.95% (relative to its peak).
+# Bounds ~3x the measurements.
+BF16_AUDIO_MAX, BF16_AUDIO_RMS, BF16_F0_REL = 0.15, 0.1, 0.03
 
 
 def test_bf16_close_to_fp32(hift, cases):
@@ -158,7 +161,7 @@ def test_bf16_close_to_fp32(hift, cases):
     f0_16 = np.asarray(jax.jit(lambda p, m: model.apply({"params": p}, m, method="f0"))(hift.params, mel))
     f0_rel = float(np.max(np.abs(f0_16 - f0_32)) / np.max(np.abs(f0_32)))
     print(f"[bf16] hift audio: max abs diff {err:.3g}, relative rms {rms:.3g}; f0 max rel diff {f0_rel:.3g}")
-    assert 0 < err < BF16_AUDIO_TOL and rms < BF16_AUDIO_TOL and f0_rel < BF16_AUDIO_TOL
+    assert 0 < err < BF16_AUDIO_MAX and rms < BF16_AUDIO_RMS and f0_rel < BF16_F0_REL
 
 
 def test_source_noise_key():

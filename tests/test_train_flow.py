@@ -16,7 +16,9 @@ from cosyvoice2_jax.train.optim import OptimConfig
 from test_flow import CFG, DIMS, params, torch_sd  # noqa: F401  (fixtures)
 from test_train_data import make_shards
 
-BF16_LOSS_TOL = 0.5  # provisional
+# bf16 rounds each matmul/conv operand to 8 significant bits (2^-9 relative); over the tiny flow's
+# encoder + U-Net the loss moved by 4.6e-4 (relative) on this batch: bound 10x that
+BF16_LOSS_TOL = 5e-3
 
 
 def _case():

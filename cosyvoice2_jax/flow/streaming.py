@@ -102,7 +102,8 @@ class StreamCaches(NamedTuple):
     @property
     def frames(self) -> int:
         """Current capacity in mel frames."""
-        return self.dec["down_blocks_0"]["transformer_blocks_0"].k.shape[-3]
+        kv = [x for x in jax.tree.leaves(self.dec, is_leaf=lambda x: isinstance(x, KV)) if isinstance(x, KV)]
+        return kv[0].k.shape[-3]
 
 
 class FlowStreamState(NamedTuple):
