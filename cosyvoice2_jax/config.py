@@ -177,12 +177,17 @@ class FlowConfig:
     vocab_size: int = 6561
     input_frame_rate: int = 25
     token_mel_ratio: int = 2
-    pre_lookahead_len: int = 3
     only_mask_loss: bool = True
     encoder: FlowEncoderConfig = FlowEncoderConfig()
     decoder: FlowDecoderConfig = FlowDecoderConfig()
     cfm: CFMConfig = CFMConfig()
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype (float32 | bfloat16); params stay fp32, norms/softmax/ODE state fp32
+
+    @property
+    def pre_lookahead_len(self) -> int:
+        """Look-ahead tokens of the encoder (``encoder.pre_lookahead_len``, the one source): with
+        ``finalize=False`` the last this many tokens produce no frames yet."""
+        return self.encoder.pre_lookahead_len
 
 
 # ----------------------------------------------------------------------------------- HiFT
@@ -214,6 +219,7 @@ class HiFTConfig:
     lrelu_slope: float = 0.1
     audio_limit: float = 0.99
     f0_predictor: F0PredictorConfig = F0PredictorConfig()
+    dtype: str = "float32"  # compute dtype of the convs; params fp32; NSF source, STFT/iSTFT stay fp32
 
     @property
     def hop_size(self) -> int:
@@ -282,8 +288,7 @@ class StreamingConfig:
 
     token_hop_len: int = 25
     token_max_hop_len: int = 100
-    stream_scale_factor: int = 2
-    pre_lookahead_len: int = 3
+    stream_scale_factor: int = 2  # (the look-ahead is flow.encoder.pre_lookahead_len)
     mel_cache_len: int = 8  # frames
     # the source/audio tail held back per chunk is mel_cache_len frames of samples
     # (ModelConfig.source_cache_len); the Hamming fade window spans twice that

@@ -49,8 +49,10 @@ def test_official_yaml_gives_design_values():
     assert (mel.n_fft, mel.hop_size, mel.win_size, mel.num_mels, mel.fmin, mel.fmax, mel.sample_rate) == \
         (1920, 480, 1920, 80, 0, 8000, 24000)
     st = c.streaming
-    assert (st.token_hop_len, st.token_max_hop_len, st.pre_lookahead_len, st.mel_cache_len, c.source_cache_len) == \
-        (25, 100, 3, 8, 3840)
+    assert (st.token_hop_len, st.token_max_hop_len, st.mel_cache_len, c.source_cache_len) == (25, 100, 8, 3840)
+    # one source of truth for the look-ahead: the encoder's (the flow and the runtime derive it)
+    assert not hasattr(st, "pre_lookahead_len") and c.flow.encoder.pre_lookahead_len == 3
+    assert ModelConfig.from_yaml(ROOT / "configs" / "tiny.yaml", ["flow.encoder.pre_lookahead_len=2"]).flow.pre_lookahead_len == 2
 
 
 def test_shipped_yaml_files_are_current():

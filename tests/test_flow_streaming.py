@@ -17,12 +17,13 @@ import jax
 import numpy as np
 import pytest
 
-from cosyvoice2_jax.config import CFMConfig, ModelConfig
+from cosyvoice2_jax.config import ModelConfig
 from cosyvoice2_jax.errors import ConfigError
 from cosyvoice2_jax.flow import modeling
 from cosyvoice2_jax.flow import params as flow_params
 from cosyvoice2_jax.flow import streaming
 from cosyvoice2_jax.flow.streaming import FlowStreamer, StreamingError, official_pushes
+from cosyvoice2_jax.layers.attention import skew
 from oracle_client import unflatten_state_dict
 
 CFG = ModelConfig.tiny().flow
@@ -82,7 +83,7 @@ def run_stream(fs, inp, pushes, with_state=False):
     return (mels, st) if with_state else mels
 
 
-def recompute(params, inp, pushes, lookahead=3):
+def recompute(params, inp, pushes, lookahead=3, cfg=CFG):
     """The official runtime's recompute path with our own ``modeling.inference``."""
     fed, emitted, out = 0, 0, []
     for n, fin in pushes:
@@ -91,7 +92,7 @@ def recompute(params, inp, pushes, lookahead=3):
         if end <= emitted:
             out.append(np.zeros((0, 80), np.float32))
             continue
-        mel = modeling.inference(params, CFG, inp["token"][None, :fed], inp["prompt_token"][None],
+        mel = modeling.inference(params, cfg, inp["token"][None, :fed], inp["prompt_token"][None],
                                  inp["prompt_feat"][None], inp["embedding"][None], streaming=True,
                                  finalize=fin, token_bucket=REF_BUCKET)[0]
         out.append(mel[2 * emitted:])
@@ -125,7 +126,7 @@ def test_skew_matches_gather():
     W, K = 5, 9
     x = np.random.default_rng(0).normal(size=(3, W, W - 1 + K)).astype(np.float32)
     a, j = np.meshgrid(np.arange(W), np.arange(K), indexing="ij")
-    np.testing.assert_array_equal(np.asarray(streaming._skew(x, K)), x[:, a, W - 1 - a + j])
+    np.testing.assert_array_equal(np.asarray(skew(x, K)), x[:, a, W - 1 - a + j])
 
 
 # ----------------------------------------------------------------------------- vs recompute
@@ -167,8 +168,21 @@ def test_unaligned_pushes_and_growing_caches(params):
               (14, True)]
     fs = FlowStreamer(params, CFG, max_frames=800, initial_frames=400, key_block=200)
     got, st = run_stream(fs, inp, pushes, with_state=True)
-    assert got[0].shape == (0, 80) and st.caches.dec_k.shape[3] == 800 and st.caches.enc_k.shape[1] == 400
+    assert got[0].shape == (0, 80) and st.caches.frames == 800 and st.caches.enc["encoders_0"].k.shape[1] == 400
     assert_chunks_equal(got, recompute(params, inp, pushes), "unaligned pushes")
+
+
+def test_heun_equals_recompute(params):
+    # the streamer runs cfm.solve like offline inference: a 2-evaluation solver streams too (one
+    # estimator cache per evaluation); every window is 50 tokens (one program), 3 Heun steps
+    cfg = dataclasses.replace(CFG, cfm=dataclasses.replace(CFG.cfm, solver="heun", n_timesteps=3))
+    inp = make_inputs(8, 25, 28 + 50 + 47)
+    pushes = [(28, False), (50, False), (47, True)]
+    fs = FlowStreamer(params, cfg, max_frames=400, key_block=200)
+    got, st = run_stream(fs, inp, pushes, with_state=True)
+    tails = np.asarray(st.caches.dec["final_block"])  # (evaluations, CFG rows, 2, C): all 6 used
+    assert tails.shape[0] == 6 and all(np.abs(tails[k]).max() > 0 for k in range(6))
+    assert_chunks_equal(got, recompute(params, inp, pushes, cfg=cfg), "heun, 3 steps")
 
 
 def test_compile_count(params, streamer):
@@ -203,8 +217,6 @@ def test_bad_input_errors(params, streamer):
         FlowStreamer(params, CFG, max_frames=120)
     with pytest.raises(ConfigError, match="initial_frames=200"):
         FlowStreamer(params, CFG, max_frames=100, initial_frames=200)
-    with pytest.raises(ConfigError, match="Euler"):
-        FlowStreamer(params, dataclasses.replace(CFG, cfm=CFMConfig(solver="heun")))
     with pytest.raises(ConfigError, match="static chunk"):
         FlowStreamer(params, dataclasses.replace(CFG, encoder=dataclasses.replace(CFG.encoder, static_chunk_size=0),
                                                  decoder=dataclasses.replace(CFG.decoder, static_chunk_size=0)))

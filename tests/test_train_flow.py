@@ -16,6 +16,10 @@ from cosyvoice2_jax.train.optim import OptimConfig
 from test_flow import CFG, DIMS, params, torch_sd  # noqa: F401  (fixtures)
 from test_train_data import make_shards
 
+# bf16 rounds each matmul/conv operand to 8 significant bits (2^-9 relative); over the tiny flow's
+# encoder + U-Net the loss moved by 4.6e-4 (relative) on this batch: bound 10x that
+BF16_LOSS_TOL = 5e-3
+
 
 def _case():
     r = np.random.default_rng(5)
@@ -104,3 +108,36 @@ def test_trained_flow_exports_to_official_names(oracle, params):  # noqa: F811
     back = flow_params.from_torch(sd, CFG)
     for a, c in zip(jax.tree.leaves(back), jax.tree.leaves(trained)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_bf16_flow_step_computes_bf16_keeps_fp32_state(params):  # noqa: F811
+    """``train.precision: bf16`` for the flow: the step's matmuls and convs (forward and backward)
+    take bf16 operands, params and optimizer state stay fp32, the loss is close to fp32's."""
+    from cosyvoice2_jax.train.optim import make_optimizer
+    from test_train_hift import _dots
+
+    tok, tl, feat, fl, emb, draws = _case()
+    batch = {"speech_token": tok, "speech_token_len": tl, "speech_feat": feat, "speech_feat_len": fl,
+             "embedding": emb, "valid": np.ones((3,), bool), **{f"draw_{k}": v for k, v in draws.items()},
+             "draw_chunk": np.full((3,), CFG.encoder.static_chunk_size, np.int32)}
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    mesh = M.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    tx = make_optimizer(OptimConfig(lr=1e-3))
+    cfg = TR.precision_model_config(CFG, "bf16")
+    assert cfg.dtype == "bfloat16"
+    obj = FlowObjective(cfg)
+    state, sh = TR.init_state(obj, tx, mesh, 0)
+    state["params"] = jax.device_put(params)  # the oracle weights (fp32)
+    step = TR.make_train_step(obj, tx, sh, mesh, donate=False, precision="bf16")
+    ops = _dots(jax.make_jaxpr(step.step)(state, batch).jaxpr)
+    n_bf16 = sum(d == ("bfloat16", "bfloat16") for d in ops)
+    print(f"[bf16] flow step: {n_bf16} of {len(ops)} dot/conv ops in bf16")
+    assert len(ops) > 50 and n_bf16 >= 0.9 * len(ops), ops
+    new, m = jax.device_get(step(state, batch))
+    floats = [x for x in jax.tree.leaves(new) if np.issubdtype(x.dtype, np.floating)]
+    assert floats and all(x.dtype == np.float32 for x in floats)
+    assert m["loss"].dtype == np.float32 and np.isfinite(m["grad_norm"])
+    ref, _ = jax.jit(FlowObjective(CFG).loss_fn)(params, batch, jax.random.key(0))
+    rel = abs(float(m["loss"]) - float(ref)) / float(ref)
+    print(f"[bf16] flow loss {float(m['loss']):.5f} vs fp32 {float(ref):.5f}: rel diff {rel:.2e}")
+    assert 0 < rel < BF16_LOSS_TOL

@@ -1,13 +1,16 @@
 """Conditional flow matching (CosyVoice 2 paper section 2.4; Lipman et al. 2023; Matcha-TTS).
 
 Official code: ``cosyvoice.flow.flow_matching.CausalConditionalCFM`` (inference) and
-``ConditionalCFM.compute_loss`` (training). Arrays are channel-last ``(B, F, 80)``.
+``ConditionalCFM.compute_loss`` (training). Arrays are channel-last ``(B, F, C)``, ``C`` the mel
+size (``FlowConfig.output_size``, 80 in the release).
 
 Inference integrates ``dx/dt = v(x, t)`` from ``t=0`` (noise) to ``t=1`` (mel) on a time grid
 (:func:`t_span`; official: cosine ``1 - cos(pi/2 * s)`` over 10 uniform ``s`` steps) with classifier-
 free guidance ``v = (1 + w) v(x | mu, spk, cond) - w v(x | 0, 0, 0)`` (``w = 0.7``), the two
 branches evaluated as one batch of ``2B`` like the official code. The whole solver is one
-``lax.fori_loop``; the time embeddings of all steps are computed before the loop.
+``lax.fori_loop``. Offline inference and streaming (``flow/streaming.py``) run the same
+:func:`solve`: the velocity takes the index ``k`` of its evaluation and threads a ``state``
+(the streaming caches), so any solver or guidance added here works in both.
 
 Initial noise: ``noise="official"`` uses the fixed tensor the official model draws at
 construction (torch CPU ``randn(1, 80, 15000)`` right after seed 0; shipped as
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,71 +74,92 @@ def _noise_table() -> np.ndarray:
     return np.ascontiguousarray(np.load(NOISE_FILE)[0].T.astype(np.float32))  # (15000, 80)
 
 
-def initial_noise(noise, batch: int, num_frames: int, channels: int = 80, temperature: float = 1.0) -> Array:
-    """``(batch, num_frames, channels)`` from ``"official"``, a PRNG key, or an explicit array."""
+def initial_noise(noise, batch: int, num_frames: int, channels: int, temperature: float = 1.0) -> Array:
+    """``(batch, num_frames, channels)`` from ``"official"``, a PRNG key, or an explicit array
+    (``channels``: the mel size, ``FlowConfig.output_size``; the official noise has 80)."""
     if isinstance(noise, str):
         if noise != "official":
             raise ConfigError(f"noise={noise!r}: use 'official', a jax.random key or an array")
+        if channels != _noise_table().shape[1]:
+            raise ConfigError(f"the official fixed noise has {_noise_table().shape[1]} mel channels, the flow "
+                              f"has {channels}; pass a jax.random key as noise")
         z = jnp.broadcast_to(official_noise(num_frames)[None], (batch, num_frames, channels))
-    elif _is_key(noise):
+    elif is_prng_key(noise):
         z = jax.random.normal(noise, (batch, num_frames, channels), jnp.float32)
     else:
         z = jnp.broadcast_to(jnp.asarray(noise, jnp.float32), (batch, num_frames, channels))
     return z * temperature
 
 
-def _is_key(x) -> bool:
+def is_prng_key(x) -> bool:
     if not isinstance(x, jax.Array):
         return False
     return jnp.issubdtype(x.dtype, jax.dtypes.prng_key) or (x.dtype == jnp.uint32 and x.shape == (2,))
 
 
 # ----------------------------------------------------------------------------- solvers
-def solve(velocity: Callable[[Array, Array], Array], x0: Array, ts: Array,
-          solver: Solver | str = Solver.EULER) -> Array:
+# velocity(x (B, F, C), t () f32, k () int32, state) -> (v, state): ``k`` is the index of this
+# velocity evaluation in the solve (0 .. n_evals - 1); ``state`` is any pytree threaded through the
+# loop (None offline; the streaming estimator's caches, one per evaluation, in flow/streaming.py).
+Velocity = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+
+
+def n_evals(solver: Solver | str, n_steps: int) -> int:
+    """Static number of velocity evaluations of one solve of ``n_steps`` steps."""
+    return n_steps * (1 if Solver(solver) is Solver.EULER else 2)
+
+
+def solve(velocity: Velocity, x0: Array, ts: Array, solver: Solver | str = Solver.EULER,
+          state: Any = None) -> tuple[Array, Any]:
     """Integrate ``dx/dt = velocity(x, t)`` over the grid ``ts`` in one ``lax.fori_loop``.
 
-    Euler reproduces the official loop exactly, including its running time ``t += dt`` and
-    ``dt = ts[i+1] - t`` (so ``t`` drifts from ``ts`` by float rounding just as in torch).
-    Midpoint and Heun (2 velocity calls per step) are research options.
+    Returns ``(x1, state)``. Euler reproduces the official loop exactly, including its running
+    time ``t += dt`` and ``dt = ts[i+1] - t`` (so ``t`` drifts from ``ts`` by float rounding just
+    as in torch); evaluation ``k = i``. Midpoint and Heun (2 evaluations per step, ``k = 2i, 2i+1``)
+    are research options. ``x`` stays in the dtype of ``x0`` (float32).
     """
     solver = Solver(solver)
     n = ts.shape[0] - 1
 
     if solver is Solver.EULER:
         def body(i, carry):
-            x, t, dt = carry
-            x = x + dt * velocity(x, t)
+            x, t, dt, st = carry
+            v, st = velocity(x, t, i, st)
+            x = x + dt * v.astype(x.dtype)
             t = t + dt
             dt = ts[jnp.minimum(i + 2, n)] - t
-            return x, t, dt
-        x, _, _ = jax.lax.fori_loop(0, n, body, (x0, ts[0], ts[1] - ts[0]))
-        return x
+            return x, t, dt, st
+        x, _, _, state = jax.lax.fori_loop(0, n, body, (x0, ts[0], ts[1] - ts[0], state))
+        return x, state
 
-    def body2(i, x):
+    def body2(i, carry):
+        x, st = carry
         t0, t1 = ts[i], ts[i + 1]
         dt = t1 - t0
-        v0 = velocity(x, t0)
+        v0, st = velocity(x, t0, 2 * i, st)
+        v0 = v0.astype(x.dtype)
         if solver is Solver.MIDPOINT:
-            return x + dt * velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt)
-        v1 = velocity(x + dt * v0, t1)  # Heun
-        return x + 0.5 * dt * (v0 + v1)
-    return jax.lax.fori_loop(0, n, body2, x0)
+            v1, st = velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt, 2 * i + 1, st)
+            return x + dt * v1.astype(x.dtype), st
+        v1, st = velocity(x + dt * v0, t1, 2 * i + 1, st)  # Heun
+        return x + 0.5 * dt * (v0 + v1.astype(x.dtype)), st
+    return jax.lax.fori_loop(0, n, body2, (x0, state))
 
 
-def cfg_velocity(estimate: Callable[[Array, Array], Array], rate: float) -> Callable[[Array, Array], Array]:
-    """Classifier-free guidance: ``estimate(x2, t)`` runs the batch ``[x; x]`` (conditioned rows
-    first, unconditioned second) and returns ``(2B, F, C)``; combine ``(1+w) v_c - w v_u``."""
-    def velocity(x, t):
-        v = estimate(jnp.concatenate([x, x], axis=0), t)
+def cfg_velocity(estimate: Callable[[Array, Array, Array, Any], tuple[Array, Any]], rate) -> Velocity:
+    """Classifier-free guidance: ``estimate(x_rows, t, k, state)`` runs the batch ``[x; x]``
+    (conditioned rows first, unconditioned second) and returns ``((2B, F, C), state)``; the
+    velocity is ``(1 + w) v_c - w v_u``."""
+    def velocity(x, t, k, state):
+        v, state = estimate(jnp.concatenate([x, x], axis=0), t, k, state)
         vc, vu = jnp.split(v, 2, axis=0)
-        return (1.0 + rate) * vc - rate * vu
+        return (1.0 + rate) * vc - rate * vu, state
     return velocity
 
 
 # ----------------------------------------------------------------------------- training
 def sample_loss_draws(key: Array, batch: int, num_frames: int, feat_len: Array, cfg: CFMConfig,
-                      channels: int = 80) -> dict[str, Array]:
+                      channels: int) -> dict[str, Array]:
     """The random draws of one official training step: ``t_u (B,)`` uniform time, ``z (B, F, C)``
     noise, ``cfg_u (B,)`` uniform for the CFG drop (drop when ``cfg_u <= training_cfg_rate``),
     ``prompt_len (B,)`` cond prefix (0 for half the rows, else ``randint(0, int(0.3 len))``).

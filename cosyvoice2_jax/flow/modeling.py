@@ -2,10 +2,10 @@
 
 Official module: ``cosyvoice.flow.flow.CausalMaskedDiffWithXvec``. Pipeline, channel-last::
 
-    x-vector (B, 192) -> L2 normalise -> spk_embed_affine_layer -> spk (B, 80)
+    x-vector (B, 192) -> L2 normalise -> spk_embed_affine_layer -> spk (B, n_mels = 80)
     [prompt tokens ++ tokens] (B, S) -> input_embedding * valid -> encoder -> encoder_proj
-        -> mu (B, F = 2S, 80)
-    cond (B, F, 80) = prompt mel on the first ``mel_len1`` frames, zeros after
+        -> mu (B, F = 2S, n_mels)
+    cond (B, F, n_mels) = prompt mel on the first ``mel_len1`` frames, zeros after
     CFM (10 Euler steps, cosine grid, CFG 0.7, fixed noise) with the U-Net estimator -> mel
     output = mel[:, mel_len1 : 2 * S_out]
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from ..config import FlowConfig, FlowTrainMasks, Solver, TScheduler
 from ..errors import ConfigError
-from ..layers.attention import torch_linear
+from ..layers.attention import Window, torch_linear
 from ..layers.masks import valid_mask
 from . import cfm as cfm_lib
 from .decoder import CausalConditionalDecoder
@@ -42,13 +42,21 @@ from .encoder import UpsampleConformerEncoder
 Array = jax.Array
 
 
+def compute_dtype(cfg: FlowConfig):
+    """The flow's compute dtype (``FlowConfig.dtype``: ``"float32"`` or ``"bfloat16"``)."""
+    try:
+        return jnp.dtype(cfg.dtype)
+    except TypeError:
+        raise ConfigError(f"flow.dtype={cfg.dtype!r} is not a dtype; use float32 or bfloat16") from None
+
+
 class ConditionalCFM(nn.Module):
     """Holds the estimator under the torch name ``decoder.estimator``."""
 
     cfg: FlowConfig
 
     def setup(self):
-        self.estimator = CausalConditionalDecoder(self.cfg.decoder)
+        self.estimator = CausalConditionalDecoder(self.cfg.decoder, compute_dtype(self.cfg))
 
     def __call__(self, x, valid, mu, t, spks, cond, chunk=0):
         return self.estimator(x, valid, mu, t, spks, cond, chunk)
@@ -56,8 +64,8 @@ class ConditionalCFM(nn.Module):
     def time_embedding(self, t):
         return self.estimator.time_embedding(t)
 
-    def forward_features(self, h, valid, t_emb, chunk=0):
-        return self.estimator.forward_features(h, valid, t_emb, chunk)
+    def forward_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
+        return self.estimator.forward_features(h, valid, t_emb, chunk, cache, window)
 
 
 class CausalMaskedDiffWithXvec(nn.Module):
@@ -65,17 +73,18 @@ class CausalMaskedDiffWithXvec(nn.Module):
 
     Params: ``input_embedding/embedding (V, D)``, ``spk_embed_affine_layer``, ``encoder/...``,
     ``encoder_proj``, ``decoder/estimator/...`` (torch names with ``.`` -> ``/`` and list indices
-    as ``_{i}``).
+    as ``_{i}``). Compute dtype: ``cfg.dtype`` (params stay as given, fp32 when loaded).
     """
 
     cfg: FlowConfig
 
     def setup(self):
         c = self.cfg
+        dt = compute_dtype(c)
         self.input_embedding = nn.Embed(c.vocab_size, c.input_size, embedding_init=nn.initializers.normal(1.0))
-        self.spk_embed_affine_layer = torch_linear(c.output_size)
-        self.encoder = UpsampleConformerEncoder(c.encoder)
-        self.encoder_proj = torch_linear(c.output_size)
+        self.spk_embed_affine_layer = torch_linear(c.output_size, dtype=dt)
+        self.encoder = UpsampleConformerEncoder(c.encoder, dt)
+        self.encoder_proj = torch_linear(c.output_size, dtype=dt)
         self.decoder = ConditionalCFM(c)
 
     def __call__(self, tokens, valid, embedding, x, t):
@@ -85,28 +94,46 @@ class CausalMaskedDiffWithXvec(nn.Module):
         return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu))
 
     def embed_speaker(self, embedding: Array) -> Array:
-        """``(B, 192)`` x-vector -> ``(B, 80)``: ``F.normalize`` (eps 1e-12) then the affine layer."""
+        """``(B, spk_embed_dim)`` x-vector -> ``(B, n_mels)`` float32: ``F.normalize`` (eps 1e-12)
+        then the affine layer."""
         norm = jnp.sqrt(jnp.sum(embedding * embedding, axis=-1, keepdims=True))
-        return self.spk_embed_affine_layer(embedding / jnp.maximum(norm, 1e-12))
+        return self.spk_embed_affine_layer(embedding / jnp.maximum(norm, 1e-12)).astype(jnp.float32)
+
+    def _embed_tokens(self, tokens: Array, keep: Array) -> Array:
+        return self.input_embedding(jnp.maximum(tokens, 0)) * keep[..., None].astype(jnp.float32)
 
     def encode(self, tokens: Array, valid: Array, chunk: int | Array = 0,
                lookahead_valid: Array | None = None) -> tuple[Array, Array]:
-        """``tokens (B, S)`` int, ``valid (B, S)`` -> ``(mu (B, 2S, 80), valid_frames (B, 2S))``.
+        """``tokens (B, S)`` int, ``valid (B, S)`` -> ``(mu (B, 2S, n_mels) f32, valid_frames (B, 2S))``.
 
         ``valid``: tokens that produce frames (attention). ``lookahead_valid``: tokens the
         pre-lookahead layer may read (``None``: every embedded frame, the official training
         behaviour); tokens in either are embedded, others are zero.
         """
         emb_valid = valid if lookahead_valid is None else (valid | lookahead_valid)
-        x = self.input_embedding(jnp.maximum(tokens, 0)) * emb_valid[..., None].astype(jnp.float32)
+        x = self._embed_tokens(tokens, emb_valid)
         h, valid_f = self.encoder(x, valid, chunk=chunk, lookahead_valid=lookahead_valid)
-        return self.encoder_proj(h), valid_f
+        return self.encoder_proj(h).astype(jnp.float32), valid_f
+
+    def encode_stream(self, tokens: Array, readable: Array, cache: dict, pos_tables: dict, window: Window
+                      ) -> tuple[Array, dict]:
+        """Streaming :meth:`encode` of one window (:meth:`UpsampleConformerEncoder.stream`):
+        ``tokens (B, W + L)`` at positions ``window.offset ..``, ``readable (B, W + L)`` the tokens
+        that exist -> ``(mu (B, 2W, n_mels) f32, cache)``."""
+        x = self._embed_tokens(tokens, readable)
+        h, cache = self.encoder.stream(x, readable, cache, pos_tables, window)
+        return self.encoder_proj(h).astype(jnp.float32), cache
+
+    def pos_tables(self, tokens: int) -> dict:
+        return self.encoder.pos_tables(tokens)
 
     def time_embedding(self, t):
         return self.decoder.time_embedding(t)
 
-    def estimate_features(self, h, valid, t_emb, chunk=0):
-        return self.decoder.forward_features(h, valid, t_emb, chunk)
+    def estimate_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
+        """Estimator on the packed input: ``(v (B, F, n_mels) f32, cache)`` (see
+        :meth:`CausalConditionalDecoder.forward_features`)."""
+        return self.decoder.forward_features(h, valid, t_emb, chunk, cache, window)
 
     def estimate(self, x, valid, mu, t, spks, cond, chunk=0):
         return self.decoder(x, valid, mu, t, spks, cond, chunk)
@@ -132,7 +159,7 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
                   *, cfg: FlowConfig, streaming: bool, n_timesteps: int, solver: str, t_scheduler: str):
     """Jitted core. ``tokens (B, S)`` packed ``prompt ++ tokens``; ``in_len (B,)`` tokens read by
     the encoder; ``out_len (B,)`` tokens that produce frames; ``prompt_mel_len (B,)``;
-    ``prompt_feat (B, 2S, 80)``; ``embedding (B, 192)``; ``z (B, 2S, 80)`` -> mel ``(B, 2S, 80)``.
+    ``prompt_feat (B, 2S, n_mels)``; ``embedding (B, 192)``; ``z (B, 2S, n_mels)`` -> mel ``(B, 2S, n_mels)``.
     """
     _TRACE_COUNT[0] += 1
     model = CausalMaskedDiffWithXvec(cfg)
@@ -150,14 +177,14 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     rest2 = jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
     valid2 = jnp.concatenate([valid_f, valid_f], axis=0)
 
-    def estimate(x2, t):
+    def estimate(x2, t, k, state):
         t_emb = model.apply(p, jnp.broadcast_to(t, (2 * B,)), method=model.time_embedding)
         h = jnp.concatenate([x2, rest2], axis=-1)
         return model.apply(p, h, valid2, t_emb, dec_chunk, method=model.estimate_features)
 
     velocity = cfm_lib.cfg_velocity(estimate, cfg_rate)
     ts = cfm_lib.t_span(n_timesteps, t_scheduler)
-    return cfm_lib.solve(velocity, z, ts, solver)
+    return cfm_lib.solve(velocity, z, ts, solver)[0]
 
 
 _TRACE_COUNT = [0]
@@ -184,7 +211,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
     Args:
       token: ``(B, S1)`` int speech tokens, row ``b`` valid up to ``token_len[b]``.
       prompt_token: ``(B, S0)`` prompt speech tokens, valid up to ``prompt_token_len[b]``.
-      prompt_feat: ``(B, F0, 80)`` prompt mel, valid up to ``prompt_feat_len[b]`` (= ``mel_len1``).
+      prompt_feat: ``(B, F0, n_mels)`` prompt mel, valid up to ``prompt_feat_len[b]`` (= ``mel_len1``).
       embedding: ``(B, 192)`` speaker x-vectors.
       streaming: static-chunk attention (25 tokens / 50 frames) instead of full attention.
       finalize: False = the last ``pre_lookahead_len`` tokens of each row are look-ahead only.
@@ -193,7 +220,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
       place: optional ``array -> array`` applied to every per-row input (e.g. ``jax.device_put`` with
         a batch-sharded ``NamedSharding``: the solve then runs data-parallel over the mesh).
     Returns:
-      ``(mels, mel_lens)``: a list of ``(F_b, 80)`` float32 arrays (frames after the prompt) and
+      ``(mels, mel_lens)``: a list of ``(F_b, n_mels)`` float32 arrays (frames after the prompt) and
       their lengths.
     """
     c = cfg.cfm
@@ -241,8 +268,8 @@ def inference(params: dict, cfg: FlowConfig, token: np.ndarray, prompt_token: np
               embedding: np.ndarray, streaming: bool = False, finalize: bool = True, **kwargs) -> np.ndarray:
     """Official ``CausalMaskedDiffWithXvec.inference`` for one utterance.
 
-    ``token (1, S1)``, ``prompt_token (1, S0)``, ``prompt_feat (1, F0, 80)``, ``embedding (1, 192)``
-    -> mel ``(1, F, 80)`` (channel-last; the official returns ``(1, 80, F)``).
+    ``token (1, S1)``, ``prompt_token (1, S0)``, ``prompt_feat (1, F0, n_mels)``, ``embedding (1, 192)``
+    -> mel ``(1, F, n_mels)`` (channel-last; the official returns ``(1, 80, F)``).
     """
     token, prompt_token, prompt_feat = np.asarray(token), np.asarray(prompt_token), np.asarray(prompt_feat)
     if token.ndim != 2 or token.shape[0] != 1:
@@ -273,8 +300,8 @@ def training_loss(params: dict, cfg: FlowConfig, speech_token: Array, speech_tok
                   chunk: int | Array = 0) -> Array:
     """Official ``CausalMaskedDiffWithXvec.forward`` loss.
 
-    ``speech_token (B, S)``, ``speech_feat (B, F=2S, 80)``, ``embedding (B, 192)``; ``draws`` from
-    :func:`cfm.sample_loss_draws` (``t_u``, ``z (B, F, 80)``, ``cfg_u``, ``prompt_len``); ``chunk``:
+    ``speech_token (B, S)``, ``speech_feat (B, F=2S, n_mels)``, ``embedding (B, 192)``; ``draws`` from
+    :func:`cfm.sample_loss_draws` (``t_u``, ``z (B, F, n_mels)``, ``cfg_u``, ``prompt_len``); ``chunk``:
     encoder chunk in tokens, int or ``(B,)`` (see :func:`loss_masks`; decoder uses twice it).
     The encoder's look-ahead reads padded frames' embeddings as the official training does.
     """

@@ -105,7 +105,8 @@ class SpecDiscriminator(nn.Module):
 
     @nn.compact
     def __call__(self, y: Array) -> tuple[Array, list[Array]]:
-        x = jnp.abs(stft(y, self.fft_size, self.shift_size, self.win_length))[..., None]   # (B, frames, bins, 1)
+        # the STFT runs in fp32; the convs follow the input's (compute) dtype
+        x = jnp.abs(stft(y, self.fft_size, self.shift_size, self.win_length)).astype(y.dtype)[..., None]
         fmap = []
         layers = [((3, 9), (1, 1), (1, 4)), ((3, 9), (1, 2), (1, 4)), ((3, 9), (1, 2), (1, 4)),
                   ((3, 9), (1, 2), (1, 4)), ((3, 3), (1, 1), (1, 1))]
@@ -145,7 +146,7 @@ class DiscriminatorR(nn.Module):
         y = y - jnp.mean(y, axis=-1, keepdims=True)
         y = 0.8 * y / (jnp.max(jnp.abs(y), axis=-1, keepdims=True) + 1e-9)
         spec = stft(y, self.window_length, int(self.window_length * self.hop_factor), self.window_length)
-        x = jnp.stack([spec.real, spec.imag], axis=-1)                       # (B, frames, bins, 2)
+        x = jnp.stack([spec.real, spec.imag], axis=-1).astype(y.dtype)       # (B, frames, bins, 2)
         n_bins = self.window_length // 2 + 1
         layers = [((3, 9), (1, 1), (1, 4)), ((3, 9), (1, 2), (1, 4)), ((3, 9), (1, 2), (1, 4)),
                   ((3, 9), (1, 2), (1, 4)), ((3, 3), (1, 1), (1, 1))]

@@ -21,6 +21,10 @@ Batching: every function takes optional per-row ``lengths`` (mel frames). Padded
 are zeroed before every convolution and the STFT reflection, interpolation clamp and iSTFT
 window envelope use each row's own length, so a padded batch equals the rows run one by one.
 
+Dtype (``HiFTConfig.dtype``): the convolutions run in the compute dtype (bf16 with
+``"bfloat16"``; params stay fp32); Snake, the residual sums, the F0 classifier, the whole NSF
+source (phase prefix sum included), the STFT/iSTFT and the output stay float32.
+
 Randomness: the only random draw that reaches the waveform is the source noise
 ``(B, W, 9)`` standard normal (pass ``key`` or ``noise``). The official ``SineGen2`` also
 draws a random initial phase per harmonic, but adds it to sample 0 only, and the following
@@ -30,7 +34,7 @@ never reaches the output (tests check this against the official module); we omit
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -38,13 +42,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..config import F0PredictorConfig, HiFTConfig
-from ..errors import AudioError
+from ..errors import AudioError, ConfigError
 from ..layers.conv import Conv1d, ConvTranspose1d
 
 Array = jax.Array
 
 
 # ----------------------------------------------------------------------------------- helpers
+def compute_dtype(cfg: HiFTConfig):
+    """The generator's conv compute dtype (``HiFTConfig.dtype``: ``"float32"`` or ``"bfloat16"``)."""
+    try:
+        return jnp.dtype(cfg.dtype)
+    except TypeError:
+        raise ConfigError(f"hift.dtype={cfg.dtype!r} is not a dtype; use float32 or bfloat16") from None
+
+
 def time_mask(lengths: Optional[Array], t: int) -> Optional[Array]:
     """``(B,)`` valid lengths -> ``(B, t, 1)`` float mask, or ``None`` when lengths is None."""
     if lengths is None:
@@ -92,7 +104,8 @@ class Snake(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        alpha = self.param("alpha", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        alpha = self.param("alpha", nn.initializers.ones, (x.shape[-1],), jnp.float32).astype(jnp.float32)
+        x = x.astype(jnp.float32)  # sin of a large argument needs fp32 whatever the compute dtype
         ax = x * alpha
         s2 = _sin2_poly(ax) if self.fast else jnp.square(jnp.sin(ax))
         return x + (1.0 / (alpha + 1e-9)) * s2
@@ -108,38 +121,41 @@ class ResBlock(nn.Module):
     kernel_size: int = 3
     dilations: tuple[int, ...] = (1, 3, 5)
     fast_snake: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
         k = self.kernel_size
+        x = x.astype(jnp.float32)  # the residual sum stays fp32; the convs run in the compute dtype
         for j, d in enumerate(self.dilations):
             xt = Snake(self.fast_snake, name=f"activations1_{j}")(x)
             xt = Conv1d(self.channels, k, dilation=d, padding=get_padding(k, d), weight_norm=True,
-                        name=f"convs1_{j}")(_masked(xt, mask))
+                        name=f"convs1_{j}", dtype=self.dtype)(_masked(xt, mask))
             xt = Snake(self.fast_snake, name=f"activations2_{j}")(xt)
             xt = Conv1d(self.channels, k, padding=get_padding(k, 1), weight_norm=True,
-                        name=f"convs2_{j}")(_masked(xt, mask))
+                        name=f"convs2_{j}", dtype=self.dtype)(_masked(xt, mask))
             x = xt + x
         return x
 
 
 # ----------------------------------------------------------------------------------- F0 predictor
 class ConvRNNF0Predictor(nn.Module):
-    """``mel (B, F, 80) -> f0 (B, F)`` in Hz: 5 x (weight-normed conv k3 + ELU), Linear, abs.
+    """``mel (B, F, n_mels) -> f0 (B, F)`` in Hz: 5 x (weight-normed conv k3 + ELU), Linear, abs.
 
     Official ``f0_predictor.ConvRNNF0Predictor``; convs are ``condnet_{0,2,4,6,8}`` as in torch.
     """
 
     cfg: F0PredictorConfig
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, mel: Array, mask: Optional[Array] = None) -> Array:
         x = mel
         for i in range(self.cfg.num_layers):
             x = Conv1d(self.cfg.cond_channels, 3, padding=1, weight_norm=True,
-                       name=f"condnet_{2 * i}")(_masked(x, mask))
+                       name=f"condnet_{2 * i}", dtype=self.dtype)(_masked(x, mask))
             x = nn.elu(x)
-        y = nn.Dense(self.cfg.num_class, name="classifier")(x)
+        y = nn.Dense(self.cfg.num_class, name="classifier", dtype=jnp.float32)(x)
         return jnp.abs(y[..., 0] if self.cfg.num_class == 1 else y)
 
 
@@ -257,7 +273,7 @@ class SourceModuleHnNSF(nn.Module):
         noise_amp = uv * cfg.nsf_sigma + (1.0 - uv) * (cfg.nsf_alpha / 3.0)
         # the official sine generator runs under torch.no_grad: no gradient reaches f0 through it
         sine_waves = jax.lax.stop_gradient(sines * uv + noise_amp * noise)
-        merged = jnp.tanh(nn.Dense(1, name="l_linear")(sine_waves))[..., 0]
+        merged = jnp.tanh(nn.Dense(1, name="l_linear", dtype=jnp.float32)(sine_waves))[..., 0]
         mask = time_mask(None if lengths is None else lengths * hop, F * hop)
         return merged if mask is None else merged * mask[..., 0]
 
@@ -354,9 +370,9 @@ class HiFTGenerator(nn.Module):
     """HiFT generator (official ``generator.HiFTGenerator``), channel-last.
 
     Methods (use with ``model.apply(params, ..., method=...)``):
-      ``f0(mel, lengths)``: ``(B, F, 80) -> (B, F)``.
+      ``f0(mel, lengths)``: ``(B, F, n_mels) -> (B, F)``.
       ``source(f0, noise, lengths)``: ``(B, F), (B, W, 9) -> (B, W)``.
-      ``decode(mel, source, lengths)``: ``(B, F, 80), (B, W) -> (B, W)`` waveform.
+      ``decode(mel, source, lengths)``: ``(B, F, n_mels), (B, W) -> (B, W)`` waveform.
       ``forward(mel, noise, lengths)``: official training ``forward``: ``(audio, f0)``.
       ``__call__(mel, noise, lengths, cache_source)``: official ``inference``: ``(audio, source)``.
 
@@ -369,10 +385,11 @@ class HiFTGenerator(nn.Module):
     def setup(self):
         cfg = self.cfg
         C = cfg.base_channels
-        self.f0_predictor = ConvRNNF0Predictor(cfg.f0_predictor)
+        dt = compute_dtype(cfg)
+        self.f0_predictor = ConvRNNF0Predictor(cfg.f0_predictor, dt)
         self.m_source = SourceModuleHnNSF(cfg)
-        self.conv_pre = Conv1d(C, 7, padding=3, weight_norm=True)
-        self.ups = [ConvTranspose1d(C // 2 ** (i + 1), k, u, padding=(k - u) // 2, weight_norm=True)
+        self.conv_pre = Conv1d(C, 7, padding=3, weight_norm=True, dtype=dt)
+        self.ups = [ConvTranspose1d(C // 2 ** (i + 1), k, u, padding=(k - u) // 2, weight_norm=True, dtype=dt)
                     for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes))]
         down_rates = np.cumprod([1] + list(cfg.upsample_rates[::-1][:-1]))[::-1]
         downs, sres = [], []
@@ -380,18 +397,18 @@ class HiFTGenerator(nn.Module):
                                           cfg.source_resblock_dilation_sizes)):
             u = int(u)
             ch = C // 2 ** (i + 1)
-            downs.append(Conv1d(ch, 1) if u == 1 else Conv1d(ch, 2 * u, stride=u, padding=u // 2))
-            sres.append(ResBlock(ch, k, tuple(d), self.fast_snake))
+            downs.append(Conv1d(ch, 1, dtype=dt) if u == 1 else Conv1d(ch, 2 * u, stride=u, padding=u // 2, dtype=dt))
+            sres.append(ResBlock(ch, k, tuple(d), self.fast_snake, dt))
         self.source_downs = downs
         self.source_resblocks = sres
-        self.resblocks = [ResBlock(C // 2 ** (i + 1), k, tuple(d), self.fast_snake)
+        self.resblocks = [ResBlock(C // 2 ** (i + 1), k, tuple(d), self.fast_snake, dt)
                           for i in range(len(cfg.upsample_rates))
                           for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)]
-        self.conv_post = Conv1d(cfg.istft_n_fft + 2, 7, padding=3, weight_norm=True)
+        self.conv_post = Conv1d(cfg.istft_n_fft + 2, 7, padding=3, weight_norm=True, dtype=dt)
 
     # -- stages
     def f0(self, mel: Array, lengths: Optional[Array] = None) -> Array:
-        return self.f0_predictor(mel, time_mask(lengths, mel.shape[1]))
+        return self.f0_predictor(mel, time_mask(lengths, mel.shape[1])).astype(jnp.float32)
 
     def source(self, f0: Array, noise: Array, lengths: Optional[Array] = None) -> Array:
         return self.m_source(f0, noise, lengths)
@@ -431,7 +448,7 @@ class HiFTGenerator(nn.Module):
                 xs = xs + self.resblocks[i * nk + j](x, mask)
             x = xs / nk
         x = nn.leaky_relu(x, 0.01)
-        x = self.conv_post(_masked(x, fmask))
+        x = self.conv_post(_masked(x, fmask)).astype(jnp.float32)
         K = n_fft // 2 + 1
         mag = jnp.minimum(jnp.exp(x[..., :K]), 1e2)
         phase = jnp.sin(x[..., K:])
@@ -441,14 +458,14 @@ class HiFTGenerator(nn.Module):
         return _masked(audio[..., None], time_mask(lw, audio.shape[1]))[..., 0]
 
     def forward(self, mel: Array, noise: Array, lengths: Optional[Array] = None) -> tuple[Array, Array]:
-        """Official training ``forward``: ``mel (B, F, 80)`` -> ``(audio (B, W), f0 (B, F))``
+        """Official training ``forward``: ``mel (B, F, n_mels)`` -> ``(audio (B, W), f0 (B, F))``
         (the HiFiGan wrapper adds the F0 L1 loss on ``f0``)."""
         f0 = self.f0(mel, lengths)
         return self.decode(mel, self.source(f0, noise, lengths), lengths), f0
 
     def __call__(self, mel: Array, noise: Array, lengths: Optional[Array] = None,
                  cache_source: Optional[Array] = None) -> tuple[Array, Array]:
-        """Official ``inference``: ``mel (B, F, 80)``, ``noise (B, W, 9)`` -> ``(audio (B, W), source (B, W))``.
+        """Official ``inference``: ``mel (B, F, n_mels)``, ``noise (B, W, 9)`` -> ``(audio (B, W), source (B, W))``.
 
         ``cache_source (B, Wc)`` overwrites the first Wc source samples (streaming: avoids glitches).
         """
@@ -465,7 +482,7 @@ def source_noise(key: Array, batch: int, frames: int, cfg: HiFTConfig) -> Array:
 
 
 def make_inference_fn(cfg: HiFTConfig, *, fast_snake: bool = True):
-    """Jitted ``(params, mel (B,F,80), key, lengths (B,) | None, cache_source (B,Wc) | None,
+    """Jitted ``(params, mel (B,F,n_mels), key, lengths (B,) | None, cache_source (B,Wc) | None,
     noise (B,W,9) | None) -> (audio (B, W), source (B, W))``.
 
     Compiles once per (B, F, Wc) shape: bucket F. ``params`` may be folded

@@ -1,4 +1,4 @@
-"""Multi-head attention blocks of the flow, channel-last ``(B, T, D)``.
+"""Multi-head attention blocks of the flow, channel-last ``(B, T, D)``, with optional K/V caches.
 
 * :class:`RelPositionMultiHeadedAttention`: ESPnet/WeNet relative-position self-attention
   (Transformer-XL, Dai et al. 2019, section 3.3) used by the flow's conformer encoder
@@ -12,22 +12,40 @@
   projection ``to_out_0`` with bias, scale ``1/sqrt(head_dim)``, masked keys get an additive
   ``-1e10`` (the official ``mask_to_bias``).
 
-Both take a boolean mask broadcastable to ``(B, T_q, T_k)`` (see :mod:`.masks`). Softmax runs as
-plain einsums: on XLA:CPU this was ~2x faster than ``jax.nn.dot_product_attention``
-(docs/performance.md).
+Both take a boolean mask broadcastable to ``(B, T_q, T_k)`` (see :mod:`.masks`) and return
+``(out, cache)`` like the LM's ``Qwen2Attention``. Without a cache (training, offline inference)
+the keys are the ``T`` inputs and the returned cache is ``None``. With a :class:`KV` cache and a
+:class:`Window` (chunked streaming, ``flow/streaming.py``) the queries are ``T`` consecutive
+positions starting at ``window.offset``: their keys/values are written into the cache there, the
+queries attend to the cache prefix under the static-chunk mask computed on absolute positions
+(keys at ``>= window.n_valid`` masked), and the updated cache is returned. The prefix is read in
+buckets of ``window.key_block`` slots (one ``lax.switch``), so the attention cost follows the real
+prefix, not the cache capacity, within one compiled program.
+
+Softmax and scores run in float32 whatever the compute dtype. Attention is plain einsums: on
+XLA:CPU this was ~2x faster than ``jax.nn.dot_product_attention`` (docs/architecture.md,
+performance notes).
 """
 from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 
 
-def torch_linear(features: int, use_bias: bool = True, name: str | None = None) -> nn.Dense:
-    """``nn.Dense`` with torch ``nn.Linear``'s default init (params: ``kernel (in, out)``, ``bias``)."""
-    return nn.Dense(features, use_bias=use_bias, name=name,
+def torch_linear(features: int, use_bias: bool = True, name: str | None = None, dtype: Any = None) -> nn.Dense:
+    """``nn.Dense`` with torch ``nn.Linear``'s default init (params: ``kernel (in, out)``, ``bias``).
+
+    ``dtype``: compute dtype (inputs and the fp32 kernel are cast to it); ``None`` keeps the
+    input's dtype promoted with the params' (fp32).
+    """
+    return nn.Dense(features, use_bias=use_bias, name=name, dtype=dtype,
                     kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"))
 
 
@@ -43,8 +61,20 @@ def rel_shift(x: Array) -> Array:
     return x.reshape(B, H, T, P)[..., : P // 2 + 1]
 
 
+def skew(x: Array, n_keys: int) -> Array:
+    """``x (..., W, W-1+K)`` scores against relative-position rows -> ``(..., W, K)`` with
+    ``out[a, j] = x[a, W-1-a+j]`` (a slice of the flattened array; the cached form of
+    :func:`rel_shift` for ``W`` queries against ``K >= W`` keys)."""
+    *lead, W, L = x.shape
+    flat = x.reshape(*lead, W * L)[..., W - 1: W - 1 + W * (L - 1)]
+    return flat.reshape(*lead, W, L - 1)[..., :n_keys]
+
+
 def _masked_softmax_attend(scores: Array, v_bhtd: Array, mask: Array | None, fill: str) -> Array:
-    """``scores (B, H, Tq, Tk)``, ``v (B, H, Tk, d)``, bool ``mask (B, Tq|1, Tk)`` -> ``(B, Tq, H*d)``."""
+    """``scores (B, H, Tq, Tk)``, ``v (B, H, Tk, d)``, bool ``mask (B|1, Tq|1, Tk)`` -> ``(B, Tq, H*d)``.
+
+    The softmax runs in float32; the probabilities are cast to ``v``'s dtype for the product."""
+    scores = scores.astype(jnp.float32)
     if mask is not None:
         m = mask[:, None]
         if fill == "inf":  # ESPnet: -inf, softmax, then zero the masked probabilities
@@ -54,59 +84,169 @@ def _masked_softmax_attend(scores: Array, v_bhtd: Array, mask: Array | None, fil
             attn = jax.nn.softmax(jnp.where(m, scores, scores - 1.0e10), axis=-1)
     else:
         attn = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bhqk,bhkd->bqhd", attn, v_bhtd)
+    out = jnp.einsum("bhqk,bhkd->bqhd", attn.astype(v_bhtd.dtype), v_bhtd)
     return out.reshape(out.shape[0], out.shape[1], -1)
 
 
+# ----------------------------------------------------------------------------- caches
+class KV(NamedTuple):
+    """Keys and values of one attention layer: ``(*slots, B, capacity, H, d)`` each."""
+
+    k: Array
+    v: Array
+
+
+class Window(NamedTuple):
+    """Where a chunk of ``T`` query positions sits in a cached sequence (built inside jit; not a carry).
+
+    offset: absolute position of the first query (int32); its keys/values are written there.
+    n_valid: positions ``>= n_valid`` are padding (masked as keys).
+    chunk: static-chunk size of the mask (query ``i`` sees keys ``< (i // chunk + 1) * chunk``).
+    advance: the committed position moves to ``offset + advance`` after this call; causal convs
+      keep their left context (tail) from there.
+    key_block: the cache prefix is read in buckets of multiples of this many slots.
+    slot: indices into the leading ``slots`` axes of every cache array (e.g. the velocity
+      evaluation of the flow solver); ``()`` when the caches have no slot axes.
+    """
+
+    offset: Array
+    n_valid: Array
+    chunk: int
+    advance: Array
+    key_block: int
+    slot: tuple = ()
+
+    def scaled(self, s: int) -> "Window":
+        """The same window at ``s`` times the resolution (e.g. frames after a x``s`` upsample)."""
+        return self._replace(offset=self.offset * s, n_valid=self.n_valid * s, chunk=self.chunk * s,
+                             advance=self.advance * s, key_block=self.key_block * s)
+
+
+def _by_key_bucket(n_needed: Array, cap: int, block: int, attend: Callable[[int], Array]) -> Array:
+    """``attend(K)`` for the smallest bucket ``K`` (multiple of ``block``, at most ``cap``) with
+    ``K >= n_needed``; one ``lax.switch`` so all buckets live in one compiled program."""
+    sizes = sorted({min(cap, b) for b in range(block, cap + block, block)})
+    if len(sizes) == 1:
+        return attend(sizes[0])
+    idx = jnp.clip(jnp.searchsorted(jnp.asarray(sizes), n_needed, side="left"), 0, len(sizes) - 1)
+    return lax.switch(idx, [functools.partial(attend, K) for K in sizes])
+
+
+def cached_attention(k: Array, v: Array, cache: KV, window: Window, scores: Callable[[Array, int], Array],
+                     fill: str) -> tuple[Array, KV]:
+    """Write ``k, v (B, T, H, d)`` at ``window.offset`` and attend over the cache prefix.
+
+    ``scores(keys (B, K, H, d), K) -> (B, H, T, K)`` (unnormalised, the module's formula).
+    Returns ``(out (B, T, H*d), cache)``.
+    """
+    T = k.shape[1]
+    lead = tuple(window.slot)
+    zero = jnp.zeros((), jnp.int32)
+    start = lead + (zero, window.offset, zero, zero)
+    pad = (None,) * len(lead)
+    cache = KV(lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[pad], start),
+               lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[pad], start))
+    B, cap, H, d = cache.k.shape[len(lead):]
+    qpos = window.offset + jnp.arange(T)
+    end = (qpos // window.chunk + 1) * window.chunk
+
+    def attend(K):
+        at = lead + (zero, zero, zero, zero)
+        size = (1,) * len(lead) + (B, K, H, d)
+        keys = lax.dynamic_slice(cache.k, at, size).reshape(B, K, H, d).astype(k.dtype)
+        values = lax.dynamic_slice(cache.v, at, size).reshape(B, K, H, d).astype(v.dtype)
+        kpos = jnp.arange(K)
+        mask = ((kpos[None, :] < end[:, None]) & (kpos[None, :] < window.n_valid))[None]
+        return _masked_softmax_attend(scores(keys, K), jnp.transpose(values, (0, 2, 1, 3)), mask, fill)
+
+    return _by_key_bucket(window.offset + T, cap, window.key_block, attend), cache
+
+
+# ----------------------------------------------------------------------------- modules
 class RelPositionMultiHeadedAttention(nn.Module):
     """ESPnet rel-pos self-attention. Params: ``linear_{q,k,v,out}`` (with bias), ``linear_pos``
     (no bias), ``pos_bias_u``/``pos_bias_v`` ``(H, d_k)``.
 
-    ``__call__(x (B, T, D), mask (B, T|1, T) bool, pos_emb (1, 2T-1, D)) -> (B, T, D)``.
+    ``__call__(x (B, T, D), mask (B, T|1, T) bool, pos_emb (1, 2T-1, D)) -> (out (B, T, D), None)``.
+    With ``cache``/``window`` (see the module docstring) ``pos`` must be :meth:`project_pos` of a
+    table over at least ``offset + T`` positions (param-only: compute it once per capacity) and
+    ``mask`` is ignored.
     """
 
     n_head: int
     n_feat: int
+    dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x: Array, mask: Array | None, pos_emb: Array) -> Array:
+    def setup(self):
+        H, dk = self.n_head, self.n_feat // self.n_head
+        lin = functools.partial(torch_linear, self.n_feat, dtype=self.dtype)
+        self.linear_q, self.linear_k, self.linear_v, self.linear_out = lin(), lin(), lin(), lin()
+        self.linear_pos = lin(use_bias=False)
+        init = nn.initializers.xavier_uniform()
+        self.pos_bias_u = self.param("pos_bias_u", init, (H, dk))
+        self.pos_bias_v = self.param("pos_bias_v", init, (H, dk))
+
+    def project_pos(self, pos_emb: Array) -> Array:
+        """``linear_pos`` of a relative-position table ``(1, P, D)`` -> ``(P, H, d_k)``."""
+        p = self.linear_pos(pos_emb[0])
+        return p.reshape(p.shape[0], self.n_head, -1)
+
+    def __call__(self, x: Array, mask: Array | None, pos: Array, cache: KV | None = None,
+                 window: Window | None = None) -> tuple[Array, KV | None]:
         B, T, _ = x.shape
         H, dk = self.n_head, self.n_feat // self.n_head
-        q = torch_linear(self.n_feat, name="linear_q")(x).reshape(B, T, H, dk)
-        k = torch_linear(self.n_feat, name="linear_k")(x).reshape(B, T, H, dk)
-        v = torch_linear(self.n_feat, name="linear_v")(x).reshape(B, T, H, dk)
-        p = torch_linear(self.n_feat, use_bias=False, name="linear_pos")(pos_emb.astype(x.dtype))
-        p = p.reshape(p.shape[0], -1, H, dk)
-        init = nn.initializers.xavier_uniform()
-        u_bias = self.param("pos_bias_u", init, (H, dk)).astype(x.dtype)
-        v_bias = self.param("pos_bias_v", init, (H, dk)).astype(x.dtype)
-        ac = jnp.einsum("bqhd,bkhd->bhqk", q + u_bias, k)
-        bd = jnp.einsum("bqhd,phd->bhqp", q + v_bias, p[0]) if p.shape[0] == 1 else \
-            jnp.einsum("bqhd,bphd->bhqp", q + v_bias, p)
-        if bd.shape[-1] != ac.shape[-1]:
-            bd = rel_shift(bd)
-        scores = (ac + bd) / jnp.sqrt(jnp.asarray(dk, x.dtype))
-        out = _masked_softmax_attend(scores, jnp.transpose(v, (0, 2, 1, 3)), mask, fill="inf")
-        return torch_linear(self.n_feat, name="linear_out")(out)
+        q = self.linear_q(x).reshape(B, T, H, dk)
+        k = self.linear_k(x).reshape(B, T, H, dk)
+        v = self.linear_v(x).reshape(B, T, H, dk)
+        qu = q + self.pos_bias_u.astype(q.dtype)
+        qv = q + self.pos_bias_v.astype(q.dtype)
+        root = jnp.sqrt(jnp.asarray(dk, jnp.float32))
+        if cache is None:
+            p = self.project_pos(pos.astype(x.dtype))
+            ac = jnp.einsum("bqhd,bkhd->bhqk", qu, k)
+            bd = rel_shift(jnp.einsum("bqhd,phd->bhqp", qv, p.astype(qv.dtype)))
+            scores = (ac.astype(jnp.float32) + bd.astype(jnp.float32)) / root
+            out = _masked_softmax_attend(scores, jnp.transpose(v, (0, 2, 1, 3)), mask, fill="inf")
+            return self.linear_out(out), None
+        # relative position r of (query offset + a, key j) is row M-1-r of a table over M positions;
+        # rows for query W-1 .. 0 against keys 0 .. K-1 start at the row of r = offset + T - 1
+        row0 = (pos.shape[0] + 1) // 2 - T - window.offset
+
+        def scores(keys, K):
+            rows = lax.dynamic_slice(pos, (row0, 0, 0), (T - 1 + K, H, dk)).astype(qv.dtype)
+            ac = jnp.einsum("bqhd,bkhd->bhqk", qu, keys)
+            bd = skew(jnp.einsum("bqhd,rhd->bhqr", qv, rows), K)
+            return (ac.astype(jnp.float32) + bd.astype(jnp.float32)) / root
+
+        out, cache = cached_attention(k, v, cache, window, scores, fill="inf")
+        return self.linear_out(out), cache
 
 
 class DiffusersAttention(nn.Module):
     """diffusers ``Attention`` (self-attention only). Params: ``to_q/to_k/to_v`` ``(D, H*d)``
     without bias, ``to_out_0`` ``(H*d, D)`` with bias.
 
-    ``__call__(x (B, T, D), mask (B, T|1, T) bool) -> (B, T, D)``.
+    ``__call__(x (B, T, D), mask (B, T|1, T) bool, cache=None, window=None) -> (out (B, T, D), cache)``.
     """
 
     heads: int
     dim_head: int
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None) -> Array:
+    def __call__(self, x: Array, mask: Array | None, cache: KV | None = None,
+                 window: Window | None = None) -> tuple[Array, KV | None]:
         B, T, D = x.shape
         H, d = self.heads, self.dim_head
-        q = torch_linear(H * d, use_bias=False, name="to_q")(x).reshape(B, T, H, d)
-        k = torch_linear(H * d, use_bias=False, name="to_k")(x).reshape(B, T, H, d)
-        v = torch_linear(H * d, use_bias=False, name="to_v")(x).reshape(B, T, H, d)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (d ** -0.5)
-        out = _masked_softmax_attend(scores, jnp.transpose(v, (0, 2, 1, 3)), mask, fill="bias")
-        return torch_linear(D, name="to_out_0")(out)
+        q = torch_linear(H * d, use_bias=False, name="to_q", dtype=self.dtype)(x).reshape(B, T, H, d)
+        k = torch_linear(H * d, use_bias=False, name="to_k", dtype=self.dtype)(x).reshape(B, T, H, d)
+        v = torch_linear(H * d, use_bias=False, name="to_v", dtype=self.dtype)(x).reshape(B, T, H, d)
+
+        def scores(keys, K=None):
+            return jnp.einsum("bqhd,bkhd->bhqk", q, keys).astype(jnp.float32) * (d ** -0.5)
+
+        if cache is None:
+            out = _masked_softmax_attend(scores(k), jnp.transpose(v, (0, 2, 1, 3)), mask, fill="bias")
+        else:
+            out, cache = cached_attention(k, v, cache, window, scores, fill="bias")
+        return torch_linear(D, name="to_out_0", dtype=self.dtype)(out), cache

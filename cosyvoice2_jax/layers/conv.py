@@ -48,9 +48,12 @@ def _pad_pair(padding: Padding, kernel_size: int, dilation: int) -> tuple[int, i
 
 
 def weight_norm_kernel(g: Array, v: Array) -> Array:
-    """``g * v / ||v||`` with the norm over the axes where ``g`` has size 1 (no epsilon, as torch)."""
+    """``g * v / ||v||`` with the norm over the axes where ``g`` has size 1 (no epsilon, as torch).
+
+    Computed in float32 (also for bf16 params: the norm is a long reduction), returned in ``v``'s dtype."""
     axes = tuple(a for a in range(v.ndim) if g.shape[a] == 1)
-    return g * v * lax.rsqrt(jnp.sum(v * v, axis=axes, keepdims=True))
+    g32, v32 = g.astype(jnp.float32), v.astype(jnp.float32)
+    return (g32 * v32 * lax.rsqrt(jnp.sum(v32 * v32, axis=axes, keepdims=True))).astype(v.dtype)
 
 
 def fold_weight_norm(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,6 +142,11 @@ class Conv1d(_WeightNormed):
       kernel_size, stride, dilation: as torch.
       padding: int (both sides), ``(left, right)``, ``'same'`` or ``'causal'`` (left ``dilation*(K-1)``).
       weight_norm: create ``weight_g (1, 1, O)`` / ``weight_v (K, I, O)`` instead of ``kernel``.
+      dtype: compute dtype (input and kernel are cast to it); ``None``: the input's dtype.
+
+    ``__call__(x, left=None)``: ``left (B, P, I)`` (``P`` = the left padding) replaces the zero left
+    padding with real frames, e.g. the tail of the previous chunk when streaming (see
+    :func:`causal_conv`).
     """
 
     features: int
@@ -151,15 +159,37 @@ class Conv1d(_WeightNormed):
     kernel_init: Callable = torch_default_kernel_init
     bias_init: Callable = nn.initializers.zeros
     param_dtype: Any = jnp.float32
+    dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, left: Array | None = None) -> Array:
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         shape = (self.kernel_size, x.shape[-1], self.features)
         w = self._kernel(shape, (1, 1, self.features))
-        y = conv1d(x, w.astype(x.dtype), stride=self.stride, dilation=self.dilation,
-                   padding=_pad_pair(self.padding, self.kernel_size, self.dilation))
+        pad = _pad_pair(self.padding, self.kernel_size, self.dilation)
+        if left is not None:
+            if left.shape[1] != pad[0]:
+                raise ValueError(f"Conv1d: left context has {left.shape[1]} frames, the left padding is {pad[0]}")
+            x, pad = jnp.concatenate([left.astype(x.dtype), x], axis=1), (0, pad[1])
+        y = conv1d(x, w.astype(x.dtype), stride=self.stride, dilation=self.dilation, padding=pad)
         b = self._bias(self.features)
         return y if b is None else y + b.astype(y.dtype)
+
+
+def causal_conv(conv: Conv1d, x: Array, tail: Array | None = None, advance: Array | None = None
+                ) -> tuple[Array, Array | None]:
+    """A causal ``conv`` on ``x (B, T, C)`` with an optional left-context cache.
+
+    ``tail (B, P, C)``: the ``P`` input frames before ``x`` (zeros at the sequence start) or
+    ``None`` (zero padding). Returns ``(y, new_tail)`` where ``new_tail`` is the ``P`` frames before
+    position ``advance`` of ``x`` (the next chunk starts there), ``None`` without a tail.
+    """
+    if tail is None:
+        return conv(x), None
+    y = conv(x, left=tail)
+    full = jnp.concatenate([tail, x.astype(tail.dtype)], axis=1)
+    return y, lax.dynamic_slice_in_dim(full, advance, tail.shape[1], axis=1)
 
 
 class ConvTranspose1d(_WeightNormed):
@@ -181,9 +211,12 @@ class ConvTranspose1d(_WeightNormed):
     kernel_init: Callable = torch_default_kernel_init
     bias_init: Callable = nn.initializers.zeros
     param_dtype: Any = jnp.float32
+    dtype: Any = None  # compute dtype (None: the input's)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
         shape = (self.kernel_size, x.shape[-1], self.features)
         w = self._kernel(shape, (1, x.shape[-1], 1))
         y = conv_transpose1d(x, w.astype(x.dtype), stride=self.stride, padding=self.padding,

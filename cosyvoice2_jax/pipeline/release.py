@@ -162,7 +162,10 @@ YAML_TABLE: tuple[tuple[str, str], ...] = (
     *_same("llm", "llm", "speech_token_size", "mix_ratio", "length_normalized_loss", "lsm_weight"),
     *_same("llm.sampling", "llm.sampling", "top_p", "top_k", "win_size", "tau_r"),
     *_same("flow", "flow", "input_size", "output_size", "spk_embed_dim", "vocab_size", "input_frame_rate",
-           "token_mel_ratio", "pre_lookahead_len", "only_mask_loss"),
+           "token_mel_ratio", "only_mask_loss"),
+    # the look-ahead has one home in our config (flow.encoder); the yaml states it in both places
+    ("flow.pre_lookahead_len", "flow.encoder.pre_lookahead_len"),
+    ("flow.encoder.pre_lookahead_len", "flow.encoder.pre_lookahead_len"),
     *_same("flow.encoder", "flow.encoder", "input_size", "output_size", "attention_heads", "linear_units",
            "num_blocks"),
     *_same("flow.decoder.estimator", "flow.decoder", "in_channels", "out_channels", "channels",

@@ -34,7 +34,7 @@ import optax
 from ..config import HiFTConfig
 from ..errors import ConfigError
 from ..hift import discriminator as D
-from ..hift.modeling import HiFTGenerator, source_noise
+from ..hift.modeling import HiFTGenerator, compute_dtype, source_noise
 from .. import sharding as M
 from .optim import OptimConfig, make_optimizer
 
@@ -116,11 +116,18 @@ class HiFTGANObjective:
         if "pitch_feat" not in batch:
             raise ValueError("batch lacks pitch_feat (the F0 target): add 'pitch' to data.features")
 
+    def discriminate(self, d_params, real, generated):
+        """The discriminator on ``(real, generated)`` in the compute dtype (``HiFTConfig.dtype``:
+        its convs follow the input dtype); outputs and feature maps back in float32 for the losses."""
+        dt = compute_dtype(self.cfg)
+        outs = self.discriminator.apply({"params": d_params}, real.astype(dt), generated.astype(dt))
+        return jax.tree.map(lambda a: a.astype(jnp.float32), outs)
+
     def discriminator_loss(self, params, batch, rng):
         self._check(batch)
         audio, _ = self.generate(jax.lax.stop_gradient(params["generator"]), batch, rng, "noise_d")
         audio = jax.lax.stop_gradient(audio)
-        y_d_rs, y_d_gs, _, _ = self.discriminator.apply({"params": params["discriminator"]}, batch["speech"], audio)
+        y_d_rs, y_d_gs, _, _ = self.discriminate(params["discriminator"], batch["speech"], audio)
         out = D.discriminator_losses(y_d_rs, y_d_gs, self._weights(batch), tpr_weight=self.gan.tpr_weight,
                                      tpr_tau=self.gan.tpr_tau)
         loss = out.pop("loss")
@@ -129,7 +136,7 @@ class HiFTGANObjective:
     def generator_loss(self, params, batch, rng):
         self._check(batch)
         audio, f0 = self.generate(params["generator"], batch, rng, "noise_g")
-        outs = self.discriminator.apply({"params": params["discriminator"]}, batch["speech"], audio)
+        outs = self.discriminate(params["discriminator"], batch["speech"], audio)
         out = D.generator_losses(*outs, batch["speech"], audio, f0, batch["pitch_feat"], self._weights(batch),
                                  mel_weight=self.gan.mel_weight, fm_weight=self.gan.fm_weight,
                                  tpr_weight=self.gan.tpr_weight, tpr_tau=self.gan.tpr_tau)
@@ -148,12 +155,10 @@ class HiFTGANObjective:
     def init_train(self, cfg, mesh: M.Mesh):
         """``(state, shardings, step_fn)`` for :func:`cosyvoice2_jax.train.trainer.train`."""
         optim_d = getattr(cfg, "optim_d", None) or cfg.optim
-        if getattr(cfg, "precision", "fp32") != "fp32":
-            raise ConfigError(f"train.precision={cfg.precision!r} is not supported for the HiFT GAN: the NSF "
-                              "source phase and the iSTFT need fp32; use precision: fp32")
+        precision = getattr(cfg, "precision", "fp32")
         txs, clips = make_gan_optimizers(cfg.optim, optim_d)
         state, shardings = init_gan_state(self, txs, mesh, cfg.seed)
-        return state, shardings, make_gan_train_step(self, txs, clips, shardings, mesh, cfg.seed)
+        return state, shardings, make_gan_train_step(self, txs, clips, shardings, mesh, cfg.seed, precision=precision)
 
 
 # ----------------------------------------------------------------------------------- state and step
@@ -205,13 +210,22 @@ def _apply(tx, grads, opt_state, params, norm):
     return keep(new_params, params), keep(new_opt, opt_state)
 
 
-def gan_step(objective: HiFTGANObjective, txs: dict, clips: dict, state: dict, batch: dict, rng: jax.Array):
-    """One batch: discriminator turn, then generator turn (unjitted; see :func:`make_gan_train_step`)."""
+def gan_step(objective: HiFTGANObjective, txs: dict, clips: dict, state: dict, batch: dict, rng: jax.Array,
+             precision: str = "fp32"):
+    """One batch: discriminator turn, then generator turn (unjitted; see :func:`make_gan_train_step`).
+
+    ``precision``: the trainer's mixed-precision policy (:func:`trainer.mixed_precision_loss`):
+    each turn's loss sees its params cast to the compute dtype (set it in ``HiFTConfig.dtype`` with
+    :func:`trainer.precision_model_config`); params, gradients and optimizer states stay fp32."""
+    from .trainer import mixed_precision_loss
+
     params, opt = dict(state["params"]), dict(state["opt_state"])
     k_d, k_g = jax.random.split(rng)
+    d_turn = mixed_precision_loss(objective.discriminator_loss, precision)
+    g_turn = mixed_precision_loss(objective.generator_loss, precision)
 
     def d_loss(d):
-        return objective.discriminator_loss({**params, "discriminator": d}, batch, k_d)
+        return d_turn({**params, "discriminator": d}, batch, k_d)
 
     (ld, md), gd = jax.value_and_grad(d_loss, has_aux=True)(params["discriminator"])
     nd = optax.tree.norm(gd)
@@ -220,7 +234,7 @@ def gan_step(objective: HiFTGANObjective, txs: dict, clips: dict, state: dict, b
                                                            params["discriminator"], nd)
 
     def g_loss(g, d):
-        return objective.generator_loss({"generator": g, "discriminator": d}, batch, k_g)
+        return g_turn({"generator": g, "discriminator": d}, batch, k_g)
 
     # grads of the discriminator too: the official clip norm counts them (they are not applied)
     (lg, mg), (gg, gdg) = jax.value_and_grad(g_loss, argnums=(0, 1), has_aux=True)(params["generator"],
@@ -235,14 +249,14 @@ def gan_step(objective: HiFTGANObjective, txs: dict, clips: dict, state: dict, b
 
 
 def make_gan_train_step(objective: HiFTGANObjective, txs: dict, clips: dict, shardings: Any, mesh: M.Mesh,
-                        seed: int = 0, donate: bool = True) -> Callable:
+                        seed: int = 0, donate: bool = True, precision: str = "fp32") -> Callable:
     """``step(state, batch) -> (state, metrics)``: both turns in one jitted function per batch
     shape (state donated, batch rows over ``data x fsdp``); the key is ``fold_in(seed, step)``
     as in :func:`cosyvoice2_jax.train.trainer.make_train_step`."""
     base = jax.random.key(seed + 1)
 
     def step(state, batch):
-        return gan_step(objective, txs, clips, state, batch, jax.random.fold_in(base, state["step"]))
+        return gan_step(objective, txs, clips, state, batch, jax.random.fold_in(base, state["step"]), precision)
 
     jitted = {}
 

@@ -68,11 +68,6 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
 
 
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
-    if tf.train.precision != "fp32" and tf.objective == "flow":
-        # FlowConfig.dtype exists but the flow modules do not read it yet: a bf16 policy would only
-        # round the weights and still compute in fp32
-        raise ConfigError("train.precision=bf16 is not supported for the flow yet (its modules ignore "
-                          "FlowConfig.dtype); use precision: fp32")
     cfg = TR.precision_model_config(cfg, tf.train.precision)
     if tf.objective == "hift":
         from .hift import HiFTGANObjective

@@ -9,8 +9,9 @@ iterator, Orbax checkpoints that carry the data state, metrics (stdout + TensorB
 
 Mixed precision (``TrainConfig.precision``): ``fp32`` (default) or ``bf16``: params and optimizer
 state stay fp32; the step casts the floating params to bf16 at its boundary and the model computes
-in bf16 through its ``dtype`` config field (:func:`precision_model_config` sets ``LLMConfig.dtype`` /
-``FlowConfig.dtype``); gradients arrive as fp32 (the cotangents of the casts), the loss and metrics
+in bf16 through its ``dtype`` config field (:func:`precision_model_config` sets ``LLMConfig.dtype``,
+``FlowConfig.dtype`` and ``HiFTConfig.dtype``; the models keep norms, softmax and their other
+precision-critical parts in fp32); gradients arrive as fp32 (the cotangents of the casts), the loss and metrics
 are returned in fp32 and the optimizer (clip, Adam) runs in fp32.
 
 Objectives with several optimizers (the HiFT GAN) provide ``init_train(cfg, mesh) -> (state,
@@ -76,14 +77,15 @@ def _check_precision(precision: str):
 
 
 def precision_model_config(model_cfg, precision: str):
-    """``model_cfg`` (an LLMConfig, FlowConfig or ModelConfig) with its compute ``dtype`` fields set
+    """``model_cfg`` (an LLMConfig, FlowConfig, HiFTConfig or ModelConfig) with its compute ``dtype`` fields set
     for ``precision`` (``bf16`` -> ``"bfloat16"``); fp32 returns it unchanged."""
     _check_precision(precision)
     if precision == "fp32":
         return model_cfg
     if hasattr(model_cfg, "llm") and hasattr(model_cfg, "flow"):
         return dataclasses.replace(model_cfg, llm=precision_model_config(model_cfg.llm, precision),
-                                   flow=precision_model_config(model_cfg.flow, precision))
+                                   flow=precision_model_config(model_cfg.flow, precision),
+                                   hift=precision_model_config(model_cfg.hift, precision))
     if hasattr(model_cfg, "dtype"):
         return dataclasses.replace(model_cfg, dtype="bfloat16")
     return model_cfg
