@@ -15,6 +15,7 @@ from typing import Sequence
 
 from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
+from ..flow.train_options import FlowTrainOptions
 from . import data as D
 from . import trainer as TR
 from .hift import GANConfig
@@ -33,6 +34,7 @@ class TrainFile:
     eval_data_list: str = ""
     train: TR.TrainConfig = TR.TrainConfig()
     gan: GANConfig = GANConfig()  # HiFT GAN only: discriminators and loss weights
+    flow: FlowTrainOptions = FlowTrainOptions()  # flow only: time law, CFG drop, per-t loss weighting
 
 
 def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
@@ -96,7 +98,7 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     else:
         from .flow import FlowObjective
 
-        obj = FlowObjective(cfg.flow)
+        obj = FlowObjective(cfg.flow, tf.flow)
     if init is not None:
         obj.init_params = lambda rng, _p=init: _p  # start from the given weights
     return obj
