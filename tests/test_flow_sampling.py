@@ -238,3 +238,21 @@ def test_yaml(tmp_path):
         S.SamplerConfig.from_dict({"stepz": 3})
     with pytest.raises(ConfigError, match="sampler.steps"):
         S.SamplerConfig.from_dict({"steps": 0})
+
+
+def test_cli_flags():
+    import argparse
+
+    from cosyvoice2_jax.config import CFMConfig
+
+    p = argparse.ArgumentParser()
+    S.add_cli_arguments(p)
+    assert S.sampler_from_args(p.parse_args([]), CFMConfig()) == S.SamplerConfig()
+    got = S.sampler_from_args(p.parse_args(["--flow-steps", "7", "--flow-grid", "epss", "--flow-solver", "heun",
+                                            "--cfg-rate", "0.5"]), CFMConfig())
+    assert got == S.SamplerConfig(steps=7, grid="epss", solver="heun", cfg_rate=0.5)
+    assert S.rows(S.sampler_from_args(p.parse_args(["--flow-guidance", "none"]))) == 1
+    with pytest.raises(ConfigError, match="sampler.cfg_rate"):
+        S.sampler_from_args(p.parse_args(["--cfg-rate", "-1"]))
+    with pytest.raises(ConfigError, match="sampler.solver"):
+        S.sampler_from_args(p.parse_args(["--flow-solver", "rk5"]))

@@ -488,9 +488,49 @@ def _sweep_jit(estimate, structure):
     return jax.jit(jax.vmap(one, in_axes=(None, 0)))
 
 
-def reference_field(estimate: Estimate, sampler: SamplerConfig) -> tuple[Callable, Array]:
+def reference_field(estimate: Estimate, sampler: SamplerConfig | str, arrays: Mapping[str, Array] | None = None
+                    ) -> tuple[Callable, Array]:
     """``(field(x, t, k), grid)`` of the ODE ``sampler`` discretises, for :func:`reference_solve`:
-    the same guidance with ``k`` = the grid step holding ``t``."""
-    arrays = guidance_arrays(sampler)
-    vel = guided_velocity(estimate, arrays, sampler.guidance, 1)
+    the same guidance with ``k`` = the grid step holding ``t``. ``sampler`` may be a guidance name
+    with its ``arrays`` (:func:`guidance_arrays`; traced values share one compiled reference)."""
+    if isinstance(sampler, SamplerConfig):
+        guidance, arrays = sampler.guidance, guidance_arrays(sampler)
+    else:
+        guidance = sampler
+    vel = guided_velocity(estimate, arrays, guidance, 1)
     return (lambda x, t, k: vel(x, t, k, None)[0]), arrays["ts"]
+
+
+def step_indexed(sampler: SamplerConfig) -> bool:
+    """Whether the sampler's ODE depends on its grid (per-step CFG weights or zero-init steps)."""
+    return bool(sampler.cfg_schedule) or sampler.zero_steps > 0
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_cli_arguments(parser) -> None:
+    """``--flow-steps --flow-solver --flow-grid --cfg-rate --flow-guidance --flow-sampler`` (synth)."""
+    g = parser.add_argument_group("flow sampler (default: the official 10 Euler steps, cosine grid, CFG 0.7)")
+    g.add_argument("--flow-sampler", type=Path, metavar="YAML", help="SamplerConfig YAML (flags below override it)")
+    g.add_argument("--flow-steps", type=int, metavar="N", help="solver steps (NFE = N x evaluations per step)")
+    g.add_argument("--flow-solver", metavar="NAME", help=f"{', '.join(SOLVER_STAGES)} or diffrax:NAME")
+    g.add_argument("--flow-grid", metavar="GRID", help="uniform, cosine, sway:S (e.g. sway:-0.5) or epss")
+    g.add_argument("--flow-guidance", choices=GUIDANCE, help="cfg (official), cfg_zero_star or none (half the cost)")
+    g.add_argument("--cfg-rate", type=float, metavar="W", help="CFG weight w in (1 + w) v_c - w v_u (official 0.7)")
+
+
+def sampler_from_args(args, cfm=None) -> SamplerConfig:
+    """The :class:`SamplerConfig` of parsed :func:`add_cli_arguments` flags over ``cfm``'s sampler
+    (or the YAML of ``--flow-sampler``). Bad values raise :class:`ConfigError` naming the field."""
+    if getattr(args, "flow_sampler", None):
+        base = SamplerConfig.from_yaml(args.flow_sampler)
+    elif cfm is not None:
+        base = SamplerConfig.from_cfm(cfm)
+    else:
+        base = SamplerConfig()
+    over = {"steps": args.flow_steps, "solver": args.flow_solver, "grid": args.flow_grid,
+            "guidance": args.flow_guidance, "cfg_rate": args.cfg_rate}
+    over = {k: v for k, v in over.items() if v is not None}
+    if "steps" in over and base.cfg_schedule:
+        raise ConfigError(f"--flow-steps {over['steps']}: the sampler has a per-step cfg_schedule of "
+                          f"{len(base.cfg_schedule)} steps; edit the YAML instead")
+    return dataclasses.replace(base, **over) if over else base
