@@ -219,7 +219,7 @@ def test_sweep_equals_loop():
     (dict(grid="explicit", steps=2, times=(0.1, 0.5, 1.0)), "sampler.times"),
     (dict(grid="explicit", steps=3, times=(0.0, 1.0)), "sampler.times"),
     (dict(grid="epss", steps=8), "sampler.grid"), (dict(grid="sway:3"), "sampler.grid"),
-    (dict(grid="zigzag"), "sampler.grid"), (dict(guidance="pag"), "sampler.guidance"),
+    (dict(grid="zigzag"), "sampler.grid"), (dict(grid="sway:abc"), "sampler.grid"), (dict(guidance="pag"), "sampler.guidance"),
     (dict(cfg_schedule=(0.7,) * 3), "sampler.cfg_schedule"), (dict(cfg_interval=(0.6, 0.2)), "sampler.cfg_interval"),
     (dict(zero_steps=11), "sampler.zero_steps"), (dict(retime="cubic"), "sampler.retime"),
 ])

@@ -25,7 +25,7 @@ def _script():
 FS = _script()
 
 SWEEP = """\
-reference: {solver: Tsit5, rtol: 1.0e-4, atol: 1.0e-4}
+reference: {solver: Bosh3, rtol: 1.0e-3, atol: 1.0e-3}
 utterances: {count: 2, prompt_tokens: 4, tokens: 8, seed: 0}
 samplers:
   - {}
@@ -77,7 +77,7 @@ def test_study_writes_csv_json_png(tiny_release, loaded, tmp_path, capsys, monke
         assert 0 < float(r["mel_l1"]) <= float(r["mel_max_abs"]) < 50 and np.isfinite(float(r["lsd_db"]))
         assert int(r["ref_nfe"]) > 10 and float(r["wall_s"]) > 0
     data = json.loads((out / "results.json").read_text())
-    assert data["meta"]["reference"]["rtol"] == 1e-4 and len(data["rows"]) == 2
+    assert data["meta"]["reference"]["rtol"] == 1e-3 and len(data["rows"]) == 2
     assert data["rows"][0]["config"]["grid"] == "cosine"
     import matplotlib.image
 

@@ -182,7 +182,10 @@ class SamplerConfig:
         for field in ("grid", "retime"):
             v = getattr(self, field)
             if str(v).startswith("sway:"):
-                _sway_coef(v)
+                try:
+                    _sway_coef(v)
+                except ConfigError as e:
+                    bad(field, str(e))
         if self.retime not in ("none", "linear", "cosine") and not str(self.retime).startswith("sway:"):
             bad("retime", f"unknown scheduler {self.retime!r}; use none, cosine or sway:S")
         if self.grid != "explicit" or self.retime not in ("none", "linear"):
@@ -243,9 +246,9 @@ class SamplerConfig:
         n_timesteps, inference_cfg_rate), with ``overrides`` (``None`` values ignored)."""
         base = dict(steps=int(cfm.n_timesteps), solver=_value(cfm.solver), grid=_value(cfm.t_scheduler),
                     cfg_rate=float(cfm.inference_cfg_rate))
-        if base["grid"] == "linear":
+        base.update({k: _value(v) for k, v in overrides.items() if v is not None})
+        if base["grid"] == "linear":  # TScheduler.LINEAR is the uniform grid
             base["grid"] = "uniform"
-        base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
     @classmethod
