@@ -301,6 +301,7 @@ def solve(velocity: Velocity, x0: Array, ts: Array, solver: str = "euler", state
     ``dt = ts[i+1] - t`` (``t`` drifts from ``ts`` by float rounding as in torch). Midpoint, Heun
     and RK4 are the textbook tableaus (orders 2, 2, 4); evaluation ``j`` of step ``i`` has
     ``k = i * stages + j``. ``diffrax:NAME`` runs diffrax on the grid (``state`` must be ``None``).
+    ``x`` keeps the dtype of ``x0`` (velocities of a bf16 estimator are cast to it).
     """
     solver = _value(solver)
     n = ts.shape[0] - 1
@@ -316,7 +317,7 @@ def solve(velocity: Velocity, x0: Array, ts: Array, solver: str = "euler", state
         def body(i, carry):
             x, t, dt, st = carry
             v, st = velocity(x, t, i.astype(i32), st)
-            x = x + dt * v
+            x = x + dt * v.astype(x.dtype)
             t = t + dt
             dt = ts[jnp.minimum(i + 2, n)] - t
             return x, t, dt, st
@@ -328,17 +329,21 @@ def solve(velocity: Velocity, x0: Array, ts: Array, solver: str = "euler", state
         t0, t1 = ts[i], ts[i + 1]
         dt = t1 - t0
         k = i.astype(i32) * len(SOLVER_STAGES[solver])
-        v0, st = velocity(x, t0, k, st)
+
+        def f(y, t, j, st):  # evaluation j of this step, in the dtype of x
+            v, st = velocity(y, t, k + j, st)
+            return v.astype(x.dtype), st
+        v0, st = f(x, t0, 0, st)
         if solver == "midpoint":
-            v1, st = velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt, k + 1, st)
+            v1, st = f(x + 0.5 * dt * v0, t0 + 0.5 * dt, 1, st)
             return x + dt * v1, st
         if solver == "heun":
-            v1, st = velocity(x + dt * v0, t1, k + 1, st)
+            v1, st = f(x + dt * v0, t1, 1, st)
             return x + 0.5 * dt * (v0 + v1), st
         th = t0 + 0.5 * dt  # rk4
-        v1, st = velocity(x + 0.5 * dt * v0, th, k + 1, st)
-        v2, st = velocity(x + 0.5 * dt * v1, th, k + 2, st)
-        v3, st = velocity(x + dt * v2, t1, k + 3, st)
+        v1, st = f(x + 0.5 * dt * v0, th, 1, st)
+        v2, st = f(x + 0.5 * dt * v1, th, 2, st)
+        v3, st = f(x + dt * v2, t1, 3, st)
         return x + (dt / 6.0) * (v0 + 2.0 * v1 + 2.0 * v2 + v3), st
     return jax.lax.fori_loop(0, n, step, (x0, state))
 
