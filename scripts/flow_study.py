@@ -393,7 +393,8 @@ def best_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["mel_l1"] > target, r["estimator_passes"], r["mel_l1"])):
         lsd = "" if r["lsd_db"] is None else f"{r['lsd_db']:.3f}"
         mark = " (official)" if r["official"] else ""
-        lines.append(f"| {r['label']}{mark} | {r['estimator_passes']} | {r['mel_l1']:.2e} | {r['mel_max_abs']:.2e} | {lsd} |")
+        lines.append(f"| {r['label']}{mark} | {r['estimator_passes']} | {r['mel_l1']:.2e} "
+                     f"| {r['mel_max_abs']:.2e} | {lsd} |")
     return "\n".join(lines)
 
 

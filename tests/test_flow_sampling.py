@@ -7,6 +7,7 @@ today's ``cfm.solve(cfm.cfg_velocity(...))`` bit for bit, and the config errors.
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import jax
@@ -48,7 +49,8 @@ def test_grids_hand_values():
     # sway:-0.5 at u = 1/2: 1/2 - 1/2 (cos(pi/4) - 1/2) = 0.39644661
     assert abs(float(S.time_grid("sway:-0.5", 2)[1]) - (0.5 - 0.5 * (math.sqrt(0.5) - 0.5))) < 1e-7
     # F5-TTS EPSS tables (lattice 1/32)
-    np.testing.assert_array_equal(S.time_grid("epss", 7), np.float32([0, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 1 / 2, 3 / 4, 1]))
+    np.testing.assert_array_equal(S.time_grid("epss", 7),
+                                  np.float32([0, 1 / 16, 1 / 8, 3 / 16, 1 / 4, 1 / 2, 3 / 4, 1]))
     np.testing.assert_array_equal(S.time_grid("epss", 5), np.float32([0, 1, 2, 4, 8, 16]) / 16)
     np.testing.assert_array_equal(S.time_grid("epss", 16)[:11], np.float32([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 12]) / 32)
     for n, tab in S.EPSS_TABLES.items():
@@ -187,13 +189,23 @@ def test_optimized_scale_hand_value():
 
 
 # ----------------------------------------------------------------------------- entry points
+def _cfm_solve(est2, est, x, rate, solver):
+    """Today's ``cfm.solve(cfm.cfg_velocity(...))`` (either loop protocol: with or without k/state)."""
+    ts = cfm.t_span(10, "cosine")
+    if "state" in inspect.signature(cfm.solve).parameters:
+        return cfm.solve(cfm.cfg_velocity(est, rate), x, ts, solver)[0]
+    return cfm.solve(cfm.cfg_velocity(est2, rate), x, ts, solver)
+
+
 @pytest.mark.parametrize("solver", ["euler", "midpoint", "heun"])
 def test_default_equals_cfm_solve_bit_for_bit(solver):
+    from cosyvoice2_jax.config import CFMConfig
+
     est2, est = _toy_estimate()
-    a = jax.jit(lambda x, r: cfm.solve(cfm.cfg_velocity(est2, r), x, cfm.t_span(10, "cosine"), solver))(X0, jnp.float32(0.7))
+    a = jax.jit(lambda x, r: _cfm_solve(est2, est, x, r, solver))(X0, jnp.float32(0.7))
     b = jax.jit(lambda x: S.sample(est, x, S.SamplerConfig(solver=solver))[0])(X0)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert S.SamplerConfig() == S.SamplerConfig.from_cfm(__import__("cosyvoice2_jax.config", fromlist=["CFMConfig"]).CFMConfig())
+    assert S.SamplerConfig() == S.SamplerConfig.from_cfm(CFMConfig())
 
 
 def test_sweep_equals_loop():
@@ -219,7 +231,8 @@ def test_sweep_equals_loop():
     (dict(grid="explicit", steps=2, times=(0.1, 0.5, 1.0)), "sampler.times"),
     (dict(grid="explicit", steps=3, times=(0.0, 1.0)), "sampler.times"),
     (dict(grid="epss", steps=8), "sampler.grid"), (dict(grid="sway:3"), "sampler.grid"),
-    (dict(grid="zigzag"), "sampler.grid"), (dict(grid="sway:abc"), "sampler.grid"), (dict(guidance="pag"), "sampler.guidance"),
+    (dict(grid="zigzag"), "sampler.grid"), (dict(grid="sway:abc"), "sampler.grid"),
+    (dict(guidance="pag"), "sampler.guidance"),
     (dict(cfg_schedule=(0.7,) * 3), "sampler.cfg_schedule"), (dict(cfg_interval=(0.6, 0.2)), "sampler.cfg_interval"),
     (dict(zero_steps=11), "sampler.zero_steps"), (dict(retime="cubic"), "sampler.retime"),
 ])

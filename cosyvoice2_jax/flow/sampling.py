@@ -207,7 +207,8 @@ class SamplerConfig:
         lo, hi = self.cfg_interval
         if not (0.0 <= lo <= hi <= 1.0):
             bad("cfg_interval", f"must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
-        if isinstance(self.zero_steps, bool) or not isinstance(self.zero_steps, int) or not 0 <= self.zero_steps <= self.steps:
+        z = self.zero_steps
+        if isinstance(z, bool) or not isinstance(z, int) or not 0 <= z <= self.steps:
             bad("zero_steps", f"must be an integer in [0, steps={self.steps}], got {self.zero_steps!r}")
         if self.guidance == "none" and (self.cfg_schedule or self.cfg_interval != (0.0, 1.0)):
             bad("guidance", "is 'none' but cfg_schedule/cfg_interval are set; remove them or use guidance: cfg")

@@ -48,7 +48,8 @@ class FlowTrainOptions:
         if self.loss_weighting not in WEIGHTINGS:
             raise ConfigError(f"flow.loss_weighting: {self.loss_weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         if not (self.logit_std > 0 and math.isfinite(self.logit_std)) or not math.isfinite(self.logit_mean):
-            raise ConfigError(f"flow.logit_std must be > 0 and logit_mean finite, got ({self.logit_mean}, {self.logit_std})")
+            raise ConfigError(f"flow.logit_std must be > 0 and logit_mean finite, "
+                              f"got ({self.logit_mean}, {self.logit_std})")
         if self.cfg_drop is not None and not 0.0 <= self.cfg_drop < 1.0:
             raise ConfigError(f"flow.cfg_drop must be in [0, 1) (or null for the model's 0.2), got {self.cfg_drop}")
 
