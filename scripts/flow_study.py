@@ -344,18 +344,22 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         fams.setdefault(family(r), []).append(r)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
-    for name, rs in sorted(fams.items()):
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>PX*h"
+    for i, (name, rs) in enumerate(sorted(fams.items())):
         rs = sorted(rs, key=lambda r: r["estimator_passes"])
-        ax.plot([r["estimator_passes"] for r in rs], [max(r["mel_l1"], 1e-12) for r in rs], marker="o", label=name)
+        ax.plot([r["estimator_passes"] for r in rs], [max(r["mel_l1"], 1e-12) for r in rs], label=name,
+                color=colors[i % len(colors)], marker=markers[i % len(markers)], alpha=0.85)
     off = [r for r in rows if r["official"]]
     if off:
-        ax.scatter([off[0]["estimator_passes"]], [max(off[0]["mel_l1"], 1e-12)], marker="*", s=250, c="k", zorder=5,
+        ax.scatter([off[0]["estimator_passes"]], [max(off[0]["mel_l1"], 1e-12)], marker="*", s=250, c="none",
+                   edgecolors="k", zorder=5,
                    label="official (10 Euler, cosine, CFG 0.7)")
         ax.axhline(off[0]["mel_l1"], color="k", lw=0.6, ls="--")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("estimator passes per utterance (NFE x rows; CFG = 2 rows)")
-    ax.set_ylabel("mel L1 error vs adaptive reference (log-mel units)")
+    ax.set_ylabel("mel L1 error vs adaptive reference of the same ODE (log-mel units)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
