@@ -126,12 +126,22 @@ def load_sweep(path: Path) -> Sweep:
 
 # ----------------------------------------------------------------------------- model + conditioning
 def load_flow(model_dir: Path):
-    """(ModelConfig, flow params, folded HiFT params) of a release or converted directory."""
+    """(ModelConfig, flow params, folded HiFT params) of a release or converted directory (a release
+    is read for the flow and HiFT only: no LM, tokenizer or CAM++ conversion, nothing cached)."""
+    from cosyvoice2_jax.flow import params as flow_params
+    from cosyvoice2_jax.hift import params as hift_params
     from cosyvoice2_jax.layers.conv import fold_weight_norm
-    from cosyvoice2_jax.pipeline.loading import load_release
+    from cosyvoice2_jax.params_util import load_torch_checkpoint
+    from cosyvoice2_jax.pipeline.loading import is_converted, read_converted
+    from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml
 
-    loaded = load_release(model_dir)
-    return loaded.config, loaded.params["flow"], fold_weight_norm(loaded.params["hift"])
+    if is_converted(model_dir):
+        loaded = read_converted(model_dir)
+        return loaded.config, loaded.params["flow"], fold_weight_norm(loaded.params["hift"])
+    paths = check_release_dir(model_dir)
+    cfg = config_from_release_yaml(paths.yaml)
+    return (cfg, flow_params.load(paths.flow, cfg.flow),
+            fold_weight_norm(hift_params.from_torch(load_torch_checkpoint(paths.hift), cfg.hift, fold=False)))
 
 
 def make_utterances(u: Utterances, cfg) -> dict[str, np.ndarray]:

@@ -34,10 +34,7 @@ samplers:
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_release, tmp_path_factory):
-    import os
-
-    os.environ.setdefault("COSYVOICE2_JAX_CACHE", str(tmp_path_factory.mktemp("cache")))
+def loaded(tiny_release):
     return FS.load_flow(tiny_release[0])
 
 
