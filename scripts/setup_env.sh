@@ -8,5 +8,5 @@ PY="${PYTHON:-python3.11}"
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-"$VENV/bin/pip" install -q -e ".[test,train]"
+"$VENV/bin/pip" install -q -e ".[test,train,research]"
 echo "project venv ready: $VENV"

@@ -94,3 +94,19 @@ def real_wavs(shared_wavs, oracle) -> list[Path]:
     out = oracle("frontend:s3tokenizer_assets")
     extra = [Path(str(p)) for p in out["paths"].tolist()]
     return list(shared_wavs) + extra
+
+
+@pytest.fixture(scope="session")
+def tiny_release(oracle, tmp_path_factory):
+    """One tiny random-weight release per session (scripts/make_random_release.py, made by the
+    official modules): ``(directory, summary)``."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_random_release", REPO / "scripts" / "make_random_release.py")
+    mrr = sys.modules.get("make_random_release")
+    if mrr is None:
+        mrr = importlib.util.module_from_spec(spec)
+        sys.modules["make_random_release"] = mrr
+        spec.loader.exec_module(mrr)
+    out = tmp_path_factory.mktemp("release") / "CosyVoice2-tiny"
+    return out, mrr.make_release(out, "tiny", seed=0, oracle=oracle)

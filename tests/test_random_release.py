@@ -44,10 +44,8 @@ def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def release(oracle, tmp_path_factory):
-    out = tmp_path_factory.mktemp("release") / "CosyVoice2-tiny"
-    summary = mrr.make_release(out, "tiny", seed=0, oracle=oracle)
-    return out, summary
+def release(tiny_release):
+    return tiny_release  # conftest: one per session, shared with tests/test_flow_study.py
 
 
 # ----------------------------------------------------------------------------------- layout, yaml

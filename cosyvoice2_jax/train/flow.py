@@ -6,6 +6,10 @@ rows lose mu, speaker and cond), the prompt prefix used as cond (<= 30% of the t
 rows) and the attention mask: the official static-chunk-or-full coin per batch, or the paper's
 four mask types per example (``FlowConfig.cfm.train_masks = paper``). Padding rows of a
 fixed-shape batch have no valid frames and add nothing to the loss.
+
+``options`` (:class:`~cosyvoice2_jax.flow.train_options.FlowTrainOptions`, ``flow:`` in the
+training YAML): time-sampling law, CFG drop rate and per-t loss weighting; the defaults are the
+official objective.
 """
 from __future__ import annotations
 
@@ -18,13 +22,19 @@ import jax.numpy as jnp
 from ..config import FlowConfig
 from ..flow import cfm as cfm_lib
 from ..flow import modeling as F
+from ..flow import train_options as TO
 
 
 @dataclasses.dataclass
 class FlowObjective:
     cfg: FlowConfig
+    options: TO.FlowTrainOptions = TO.FlowTrainOptions()
     init_from: Any = None  # params to start from (e.g. a released flow.pt), else random
     name: str = "flow"
+
+    def __post_init__(self):
+        TO.check_supported(self.options)
+        self.cfg = dataclasses.replace(self.cfg, cfm=TO.apply_to_cfm(self.cfg.cfm, self.options))
 
     def init_params(self, rng):
         return self.init_from if self.init_from is not None else F.init_params(self.cfg, rng)
@@ -41,6 +51,7 @@ class FlowObjective:
         # recorded draws (e.g. the official module's) replace the sampled ones when given
         draws = {k: batch.get(f"draw_{k}", v) for k, v in draws.items()}
         chunk = batch.get("draw_chunk", chunk)
+        draws = TO.apply_to_draws(draws, self.options, cfg.cfm.t_scheduler)
         loss = F.training_loss(params, cfg, batch["speech_token"], tok_len, feat, feat_len, batch["embedding"],
                                draws, chunk)
         return loss, {"frames": jnp.sum(feat_len).astype(jnp.float32),

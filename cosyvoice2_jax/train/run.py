@@ -16,6 +16,7 @@ from typing import Sequence
 
 from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
+from ..flow.train_options import FlowTrainOptions
 from . import data as D
 from . import trainer as TR
 from .hift import GANConfig
@@ -34,6 +35,7 @@ class TrainFile:
     eval_data_list: str = ""
     train: TR.TrainConfig = TR.TrainConfig()
     gan: GANConfig = GANConfig()  # HiFT GAN only: discriminators and loss weights
+    flow: FlowTrainOptions = FlowTrainOptions()  # flow only: time law, CFG drop, per-t loss weighting
 
 
 def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
@@ -83,7 +85,7 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
         return DPOObjective(cfg.llm, init_from=init)
     from .flow import FlowObjective
 
-    return FlowObjective(cfg.flow, init_from=init)
+    return FlowObjective(cfg.flow, tf.flow, init_from=init)
 
 
 def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:

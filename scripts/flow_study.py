@@ -1,0 +1,446 @@
+"""Flow-matching sampler study: error against a tight adaptive reference vs cost, per sampler config.
+
+    python scripts/flow_study.py --model-dir DIR --sweep sweep.yaml --out OUT_DIR [--overwrite] [--vmap]
+
+For every sampler config of the sweep (``cosyvoice2_jax.flow.sampling.SamplerConfig``) and a set of
+utterances (prompt tokens + prompt mel + x-vector + tokens, drawn from a seed), the flow ODE is
+solved with that sampler and with an adaptive diffrax solver (Tsit5/Dopri5, PID control, tight
+tolerance) on the *same* ODE (same guidance, same noise). Columns: mel L1 and max-abs error of
+the generated frames, log-spectral distance (dB) of the HiFT-vocoded audio (same source noise),
+NFE (velocity evaluations), estimator passes (NFE x rows: CFG runs 2 rows per evaluation),
+wall time and compile time. Writes ``results.csv``, ``results.json`` and ``pareto.png`` (error vs
+estimator passes, one curve per grid/solver/guidance family over the step counts) into OUT_DIR.
+
+``--model-dir``: a release directory (the official layout, e.g. ``scripts/make_random_release.py``)
+or a converted one. The sweep YAML::
+
+    reference: {solver: Tsit5, rtol: 1.0e-5, atol: 1.0e-5}   # adaptive reference
+    utterances: {count: 2, prompt_tokens: 25, tokens: 75, seed: 0}
+    noise: official            # the official fixed noise, or an integer seed
+    vocoder: true              # log-spectral distance of the vocoded audio (needs hift)
+    samplers:                  # SamplerConfig fields; {} is the official sampler
+      - {}
+      - {steps: 7, grid: epss}
+    product:                   # and the cartesian product of these lists
+      steps: [4, 8]
+      solver: [euler, heun]
+
+``--vmap``: the configs of one structure (solver, steps, guidance) run as one vmapped program
+(``sampling.sweep``); the wall time is then the group's time divided by its size.
+Perceptual columns (DNSMOS, speaker similarity, WER) are not computed (see docs/flow_research.md).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from cosyvoice2_jax.errors import ConfigError, CosyVoiceError  # noqa: E402
+
+SWEEP_KEYS = ("reference", "utterances", "noise", "vocoder", "samplers", "product")
+COLUMNS = ("label", "solver", "grid", "retime", "guidance", "cfg_rate", "steps", "nfe", "rows", "estimator_passes",
+           "mel_l1", "mel_max_abs", "lsd_db", "wall_s", "compile_s", "ref_nfe", "official")
+
+
+# ----------------------------------------------------------------------------- sweep file
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    solver: str = "Tsit5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    max_steps: int = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class Utterances:
+    count: int = 2
+    prompt_tokens: int = 25
+    tokens: int = 75
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Sweep:
+    reference: Reference
+    utterances: Utterances
+    noise: Any
+    vocoder: bool
+    samplers: list
+
+
+def load_sweep(path: Path) -> Sweep:
+    import yaml
+
+    from cosyvoice2_jax.config import from_dict
+    from cosyvoice2_jax.flow.sampling import SamplerConfig
+
+    if not path.is_file():
+        raise ConfigError(f"--sweep {path} does not exist; see the docstring of scripts/flow_study.py for the format")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--sweep {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--sweep {path} must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"--sweep {path}: unknown keys {unknown}; valid: {', '.join(SWEEP_KEYS)}")
+    ref = from_dict(Reference, data.get("reference") or {})
+    utt = from_dict(Utterances, data.get("utterances") or {})
+    if utt.count < 1 or utt.prompt_tokens < 1 or utt.tokens < 1:
+        raise ConfigError(f"--sweep {path}: utterances need count, prompt_tokens and tokens >= 1, got {utt}")
+    noise = data.get("noise", "official")
+    if noise != "official" and (isinstance(noise, bool) or not isinstance(noise, int)):
+        raise ConfigError(f"--sweep {path}: noise must be 'official' or an integer seed, got {noise!r}")
+    items = list(data.get("samplers") or [])
+    product = data.get("product") or {}
+    if not isinstance(product, dict) or any(not isinstance(v, list) or not v for v in product.values()):
+        raise ConfigError(f"--sweep {path}: product must map SamplerConfig fields to non-empty lists")
+    keys = list(product)
+    items += [dict(zip(keys, vals)) for vals in itertools.product(*(product[k] for k in keys))] if keys else []
+    if not items:
+        raise ConfigError(f"--sweep {path}: no sampler configs (give samplers: and/or product:)")
+    samplers = []
+    for i, item in enumerate(items):
+        try:
+            s = SamplerConfig.from_dict(item)
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {path}, sampler {i} ({item}): {e}") from None
+        if s not in samplers:
+            samplers.append(s)
+    return Sweep(ref, utt, noise, bool(data.get("vocoder", True)), samplers)
+
+
+# ----------------------------------------------------------------------------- model + conditioning
+def load_flow(model_dir: Path):
+    """(ModelConfig, flow params, folded HiFT params) of a release or converted directory (a release
+    is read for the flow and HiFT only: no LM, tokenizer or CAM++ conversion, nothing cached)."""
+    from cosyvoice2_jax.flow import params as flow_params
+    from cosyvoice2_jax.hift import params as hift_params
+    from cosyvoice2_jax.layers.conv import fold_weight_norm
+    from cosyvoice2_jax.params_util import load_torch_checkpoint
+    from cosyvoice2_jax.pipeline.loading import is_converted, read_converted
+    from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml
+
+    if is_converted(model_dir):
+        loaded = read_converted(model_dir)
+        return loaded.config, loaded.params["flow"], fold_weight_norm(loaded.params["hift"])
+    paths = check_release_dir(model_dir)
+    cfg = config_from_release_yaml(paths.yaml)
+    return (cfg, flow_params.load(paths.flow, cfg.flow),
+            fold_weight_norm(hift_params.from_torch(load_torch_checkpoint(paths.hift), cfg.hift, fold=False)))
+
+
+def make_utterances(u: Utterances, cfg) -> dict[str, np.ndarray]:
+    """Random utterances of equal lengths (one batch): tokens, prompt mel (log-mel range), x-vector."""
+    r = np.random.default_rng(u.seed)
+    fc = cfg.flow
+    s0, s1 = u.prompt_tokens, u.tokens
+    return {"tokens": r.integers(0, fc.vocab_size, (u.count, s0 + s1)).astype(np.int32),
+            "prompt_feat": (r.normal(size=(u.count, fc.token_mel_ratio * s0, fc.output_size)) - 5.0).astype(np.float32),
+            "embedding": r.normal(size=(u.count, fc.spk_embed_dim)).astype(np.float32),
+            "prompt_frames": np.int32(fc.token_mel_ratio * s0)}
+
+
+def conditioning(params, cfg, utt):
+    """Step-invariant estimator inputs (as ``flow.modeling``'s solver core builds them): the
+    ``[mu, spk, cond]`` channels of the conditioned rows and the valid frames."""
+    import jax.numpy as jnp
+
+    from cosyvoice2_jax.flow.modeling import CausalMaskedDiffWithXvec
+
+    model = CausalMaskedDiffWithXvec(cfg.flow)
+    p = {"params": params}
+    tok = jnp.asarray(utt["tokens"])
+    B, S = tok.shape
+    valid = jnp.ones((B, S), bool)
+    spk = model.apply(p, jnp.asarray(utt["embedding"]), method=model.embed_speaker)
+    mu, valid_f = model.apply(p, tok, valid, 0, valid, method=model.encode)
+    F = mu.shape[1]
+    pf = np.zeros((B, F, cfg.flow.output_size), np.float32)
+    pf[:, : utt["prompt_frames"]] = utt["prompt_feat"]
+    rest = jnp.concatenate([mu, jnp.broadcast_to(spk[:, None], (B, F, spk.shape[-1])), jnp.asarray(pf)], axis=-1)
+    return {"rest": rest, "valid": valid_f}
+
+
+def make_estimate(params, cfg, cond):
+    """``estimate(x_rows, t, k, state)``: rows ``[x; x]`` get ``[cond; 0]`` (CFG), rows ``x`` get ``cond``."""
+    import jax.numpy as jnp
+
+    from cosyvoice2_jax.flow.modeling import CausalMaskedDiffWithXvec
+
+    model = CausalMaskedDiffWithXvec(cfg.flow)
+    p = {"params": params}
+    rest, valid = cond["rest"], cond["valid"]
+    B = rest.shape[0]
+
+    def estimate(x_rows, t, k, state):
+        R = x_rows.shape[0] // B
+        rest_r = rest if R == 1 else jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
+        valid_r = valid if R == 1 else jnp.concatenate([valid, valid], axis=0)
+        t_emb = model.apply(p, jnp.broadcast_to(t, (R * B,)), method=model.time_embedding)
+        h = jnp.concatenate([x_rows, rest_r], axis=-1)
+        return model.apply(p, h, valid_r, t_emb, 0, method=model.estimate_features), state
+    return estimate
+
+
+# ----------------------------------------------------------------------------- metrics
+def log_spectral_distance(a: np.ndarray, b: np.ndarray, n_fft: int = 960, hop: int = 240) -> float:
+    """Mean over frames of the RMS (over frequency) difference of the log power spectra, in dB."""
+    import librosa
+
+    sa = np.abs(librosa.stft(a, n_fft=n_fft, hop_length=hop, center=True)) ** 2
+    sb = np.abs(librosa.stft(b, n_fft=n_fft, hop_length=hop, center=True)) ** 2
+    d = 10.0 * (np.log10(sa + 1e-10) - np.log10(sb + 1e-10))
+    return float(np.mean(np.sqrt(np.mean(d * d, axis=0))))
+
+
+def _timed(fn, *args):
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
+
+
+def _ref_key(s) -> tuple:
+    """Samplers with equal keys share one reference ODE (grid matters only for step-indexed guidance)."""
+    from cosyvoice2_jax.flow.sampling import step_indexed
+
+    grid = tuple(np.asarray(s.time_grid()).tolist()) if step_indexed(s) else None
+    return (s.guidance, s.cfg_rate, s.cfg_schedule, tuple(s.cfg_interval), s.zero_steps, grid)
+
+
+# ----------------------------------------------------------------------------- the study
+def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bool = True,
+              loaded=None) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from cosyvoice2_jax.flow import cfm
+    from cosyvoice2_jax.flow import sampling as S
+
+    cfg, flow_params, hift_params = loaded or load_flow(model_dir)
+    utt = make_utterances(sweep.utterances, cfg)
+    cond = conditioning(flow_params, cfg, utt)
+    B, F = cond["rest"].shape[:2]
+    noise = "official" if sweep.noise == "official" else jax.random.key(int(sweep.noise))
+    z = cfm.initial_noise(noise, B, F, cfg.flow.output_size)
+    n0 = int(utt["prompt_frames"])
+
+    @functools.partial(jax.jit, static_argnames=("structure",))
+    def run(params, cond, z, arrays, structure):
+        return S.sample_arrays(make_estimate(params, cfg, cond), z, structure, arrays)[0]
+
+    @functools.partial(jax.jit, static_argnames=("structure",))
+    def run_many(params, cond, z, arrays, structure):
+        one = lambda a: S.sample_arrays(make_estimate(params, cfg, cond), z, structure, a)[0]  # noqa: E731
+        return jax.vmap(one)(arrays)
+
+    ref = sweep.reference
+
+    @functools.partial(jax.jit, static_argnames=("guidance", "indexed"))
+    def run_ref(params, cond, z, arrays, guidance, indexed):
+        field, grid = S.reference_field(make_estimate(params, cfg, cond), guidance, arrays)
+        return S.reference_solve(field, z, rtol=ref.rtol, atol=ref.atol, solver=ref.solver,
+                                 grid=grid if indexed else None, max_steps=ref.max_steps)
+
+    vocoder = None
+    if sweep.vocoder:
+        from cosyvoice2_jax.pipeline.token2wav import Vocoder
+
+        vocoder = Vocoder(cfg, hift_params)
+    keys = [jax.random.key(1000 + b) for b in range(B)]
+
+    def audio(mel):
+        return vocoder([np.asarray(m[n0:]) for m in mel], keys)[0]
+
+    # references, one per distinct ODE
+    refs: dict[tuple, dict] = {}
+    samplers = sweep.samplers
+    bar = tqdm(total=len(samplers) + len({_ref_key(s) for s in samplers}), disable=not progress,
+               desc="flow study", unit="solve")
+    for s in samplers:
+        k = _ref_key(s)
+        if k in refs:
+            continue
+        indexed = S.step_indexed(s)
+        # a t-only ODE: one-step arrays, so every reference of this guidance shares one program
+        ode = s if indexed else dataclasses.replace(s, steps=1, grid="uniform", times=(), retime="none")
+        (x_ref, stats), _ = _timed(run_ref, flow_params, cond, z, S.guidance_arrays(ode), s.guidance, indexed)
+        if int(stats["num_steps"]) >= ref.max_steps:
+            raise CosyVoiceError(f"the adaptive reference hit max_steps={ref.max_steps} for {s.label}; "
+                                 "loosen reference.rtol/atol or raise reference.max_steps")
+        refs[k] = {"mel": np.asarray(x_ref), "nfe": int(stats["n_evals"]),
+                   "audio": audio(np.asarray(x_ref)) if vocoder else None}
+        bar.update(1)
+
+    # the samplers: grouped by compiled structure
+    groups: dict[tuple, list] = {}
+    for s in samplers:
+        groups.setdefault(s.structure, []).append(s)
+    mels: dict = {}
+    for structure, members in groups.items():
+        if vmap:
+            _, arrays = S.stack_arrays(members)
+            _, compile_s = _timed(run_many, flow_params, cond, z, arrays, structure)
+            out, wall = _timed(run_many, flow_params, cond, z, arrays, structure)
+            for i, s in enumerate(members):
+                mels[s] = (np.asarray(out[i]), wall / len(members), compile_s / len(members))
+                bar.update(1)
+        else:
+            for i, s in enumerate(members):  # one compile per structure: the first member pays it
+                arrays = S.guidance_arrays(s)
+                _, t_first = _timed(run, flow_params, cond, z, arrays, structure)
+                out, wall = _timed(run, flow_params, cond, z, arrays, structure)
+                mels[s] = (np.asarray(out), wall, max(t_first - wall, 0.0) if i == 0 else 0.0)
+                bar.update(1)
+    bar.close()
+
+    official = S.SamplerConfig()
+    rows = []
+    for s in samplers:
+        mel, wall, comp = mels[s]
+        r = refs[_ref_key(s)]
+        d = mel[:, n0:] - r["mel"][:, n0:]
+        lsd = None
+        if vocoder:
+            a = audio(mel)
+            lsd = float(np.mean([log_spectral_distance(x, y) for x, y in zip(a, r["audio"])]))
+        rows.append({"label": s.label, "solver": s.solver, "grid": s.grid, "retime": s.retime,
+                     "guidance": s.guidance, "cfg_rate": s.cfg_rate, "steps": s.steps, "nfe": S.n_evals(s),
+                     "rows": S.rows(s), "estimator_passes": S.estimator_passes(s),
+                     "mel_l1": float(np.mean(np.abs(d))), "mel_max_abs": float(np.max(np.abs(d))), "lsd_db": lsd,
+                     "wall_s": round(wall, 5), "compile_s": round(comp, 3), "ref_nfe": r["nfe"],
+                     "official": s == official, "config": dataclasses.asdict(s)})
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+def family(row: dict) -> str:
+    c = row["config"]
+    g = row["grid"] + (f">{row['retime']}" if row["retime"] not in ("none", "linear") else "")
+    gd = row["guidance"] + ("" if row["guidance"] == "none" else f" w={row['cfg_rate']:g}")
+    if c["cfg_schedule"]:
+        gd += " sched"
+    if tuple(c["cfg_interval"]) != (0.0, 1.0):
+        gd += f" t∈{list(c['cfg_interval'])}"
+    if c["zero_steps"]:
+        gd += f" zero{c['zero_steps']}"
+    return f"{row['solver']} / {g} / {gd}"
+
+
+def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams: dict[str, list] = {}
+    for r in rows:
+        fams.setdefault(family(r), []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    colors = plt.get_cmap("tab20").colors
+    markers = "osD^v<>PX*h"
+    for i, (name, rs) in enumerate(sorted(fams.items())):
+        rs = sorted(rs, key=lambda r: r["estimator_passes"])
+        ax.plot([r["estimator_passes"] for r in rs], [max(r["mel_l1"], 1e-12) for r in rs], label=name,
+                color=colors[i % len(colors)], marker=markers[i % len(markers)], alpha=0.85)
+    off = [r for r in rows if r["official"]]
+    if off:
+        ax.scatter([off[0]["estimator_passes"]], [max(off[0]["mel_l1"], 1e-12)], marker="*", s=250, c="none",
+                   edgecolors="k", zorder=5,
+                   label="official (10 Euler, cosine, CFG 0.7)")
+        ax.axhline(off[0]["mel_l1"], color="k", lw=0.6, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("estimator passes per utterance (NFE x rows; CFG = 2 rows)")
+    ax.set_ylabel("mel L1 error vs adaptive reference of the same ODE (log-mel units)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".partial.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+    _write(out / "results.csv", buf.getvalue())
+    _write(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1, ensure_ascii=False))
+    plot_pareto(rows, out / "pareto.png", f"Flow samplers: error vs cost ({meta['model']})")
+
+
+def best_table(rows: list[dict]) -> str:
+    """Markdown: configs at least as accurate as the official sampler, cheapest first."""
+    off = [r for r in rows if r["official"]]
+    lines = ["| sampler | passes | mel L1 | max abs | LSD dB |", "|---|---:|---:|---:|---:|"]
+    target = off[0]["mel_l1"] if off else float("inf")
+    for r in sorted(rows, key=lambda r: (r["mel_l1"] > target, r["estimator_passes"], r["mel_l1"])):
+        lsd = "" if r["lsd_db"] is None else f"{r['lsd_db']:.3f}"
+        mark = " (official)" if r["official"] else ""
+        lines.append(f"| {r['label']}{mark} | {r['estimator_passes']} | {r['mel_l1']:.2e} "
+                     f"| {r['mel_max_abs']:.2e} | {lsd} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-dir", type=Path, required=True, help="release or converted directory")
+    ap.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see the script's docstring)")
+    ap.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
+    ap.add_argument("--overwrite", action="store_true", help="replace results.* / pareto.png in --out")
+    ap.add_argument("--vmap", action="store_true", help="one vmapped program per sampler structure")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep)
+        names = ("results.csv", "results.json", "pareto.png")
+        if args.out.exists() and any((args.out / n).exists() for n in names) and not args.overwrite:
+            raise ConfigError(f"--out {args.out} already holds study results; pass --overwrite or pick a new directory")
+        args.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        rows = run_study(args.model_dir, sweep, vmap=args.vmap, progress=not args.quiet)
+        meta = {"model": args.model_dir.name, "model_dir": str(args.model_dir), "sweep": str(args.sweep),
+                "reference": dataclasses.asdict(sweep.reference), "utterances": dataclasses.asdict(sweep.utterances),
+                "noise": sweep.noise, "vmap": args.vmap, "total_s": round(time.perf_counter() - t0, 2),
+                "load_avg": os.getloadavg()[0]}
+        write_outputs(args.out, rows, meta)
+    except CosyVoiceError as e:
+        print(f"flow_study: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(best_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
