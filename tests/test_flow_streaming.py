@@ -2,9 +2,10 @@
 
 Every chunk the official runtime returns is ``inference(token[:end], streaming=True,
 finalize=...)[2 * offset:]`` recomputed from token 0; :class:`FlowStreamer` must return the same
-frames (<= 1e-4 abs) from its caches. Tiny config; window lengths are kept to 25/50/100 tokens and
-capacities to 800 (plus one 400-frame tier) so the file compiles the chunk program four times and
-the recompute reference once.
+frames (<= 1e-4 abs) from its caches. The streamer drives the real flow modules and the same
+``cfm.solve`` as offline inference, so a 2-evaluation solver (Heun) streams too. Tiny config; window
+lengths are kept to 25/50/100 tokens and capacities to 800 (plus one 400-frame tier) so the file
+compiles the Euler chunk program four times, the Heun one once and the recompute reference twice.
 
 Run: ``.venv/bin/python -m pytest tests/test_flow_streaming.py -q`` (full size:
 ``-m slow tests/test_flow_streaming.py``).

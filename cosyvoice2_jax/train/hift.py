@@ -253,6 +253,9 @@ def make_gan_train_step(objective: HiFTGANObjective, txs: dict, clips: dict, sha
     """``step(state, batch) -> (state, metrics)``: both turns in one jitted function per batch
     shape (state donated, batch rows over ``data x fsdp``); the key is ``fold_in(seed, step)``
     as in :func:`cosyvoice2_jax.train.trainer.make_train_step`."""
+    from .trainer import precision_model_config
+
+    precision_model_config(objective.cfg, precision)  # a bad precision name fails here, not at the first step
     base = jax.random.key(seed + 1)
 
     def step(state, batch):
