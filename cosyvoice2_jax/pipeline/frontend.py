@@ -141,8 +141,8 @@ def prompt_audio(wav: Any, what: str = "prompt", *, check_length: bool = True) -
       InputWarning: a prompt longer than 15 s.
     """
     if isinstance(wav, PromptAudio):
-        pa = wav
-    elif isinstance(wav, (str, Path)):
+        return wav  # made by this function: already checked
+    if isinstance(wav, (str, Path)):
         path = Path(wav)
         sr = _file_sr(path, what)
         _check_rate(sr, str(path), what)
