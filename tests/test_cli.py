@@ -92,27 +92,29 @@ def synth(tmp_path, monkeypatch, capsys):
     return run
 
 
-def test_synth_bad_input_is_one_line_before_the_model_loads(synth, tmp_path):
+BAD_SYNTH = {  # name: (extra args, expected message); {tmp} is the test folder
+    "out_proc": (["--text", "Hi.", "--out", "/proc/x.wav"], "cannot write /proc/x.wav"),
+    "out_under_file": (["--text", "Hi.", "--out", "{tmp}/file.txt/sub/x.wav"], "cannot write"),
+    "text_file_latin1": (["--text-file", "{tmp}/latin1.txt", "--out", "{tmp}/od"],
+                         "not UTF-8: byte 0xe9 at byte offset 10 (line 2)"),
+    "speed_nan": (["--text", "Hi.", "--speed", "nan", "--out", "{tmp}/o.wav"], "--speed must be a finite number > 0"),
+    "speed_inf": (["--text", "Hi.", "--speed", "inf", "--out", "{tmp}/o.wav"], "--speed must be a finite number > 0"),
+    "text_zero_width": (["--text", "\u200b\u200d", "--out", "{tmp}/o.wav"], "--text is empty"),
+    "prompt_40s": (["--text", "Hi.", "--prompt-wav", "{tmp}/long.wav", "--out", "{tmp}/o.wav"],
+                   "40.0 s long; the limit is 30 s"),
+    "prompt_8khz": (["--text", "Hi.", "--prompt-wav", "{tmp}/low.wav", "--out", "{tmp}/o.wav"], "8000 Hz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SYNTH))
+def test_synth_bad_input_is_one_line_before_the_model_loads(synth, tmp_path, case):
     (tmp_path / "file.txt").write_text("x")
-    bad_utf8 = tmp_path / "latin1.txt"
-    bad_utf8.write_bytes("Hello.\nCaf\xe9 au lait.\n".encode("latin-1"))
-    long_wav, low_wav = tmp_path / "long.wav", tmp_path / "low.wav"
-    sf.write(long_wav, (np.sin(np.arange(16000 * 40) * 0.05) * 0.3).astype(np.float32), 16000)
-    sf.write(low_wav, (np.sin(np.arange(8000) * 0.05) * 0.3).astype(np.float32), 8000)
-    out = ["--out", str(tmp_path / "o.wav")]
-    cases = [
-        (["--text", "Hi.", "--out", "/proc/x.wav"], "cannot write /proc/x.wav"),
-        (["--text", "Hi.", "--out", str(tmp_path / "file.txt" / "sub" / "x.wav")], "cannot write"),
-        (["--text-file", str(bad_utf8), "--out", str(tmp_path / "od")], "not UTF-8: byte 0xe9 at byte offset 10 (line 2)"),
-        (["--text", "Hi.", "--speed", "nan"] + out, "--speed must be a finite number > 0"),
-        (["--text", "Hi.", "--speed", "inf"] + out, "--speed must be a finite number > 0"),
-        (["--text", "\u200b\u200d"] + out, "--text is empty"),
-        (["--text", "Hi.", "--prompt-wav", str(long_wav)] + out, "40.0 s long; the limit is 30 s"),
-        (["--text", "Hi.", "--prompt-wav", str(low_wav)] + out, "8000 Hz"),
-    ]
-    for extra, msg in cases:
-        rc, err = synth(extra)
-        assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, (extra, err)
+    (tmp_path / "latin1.txt").write_bytes("Hello.\nCaf\xe9 au lait.\n".encode("latin-1"))
+    sf.write(tmp_path / "long.wav", (np.sin(np.arange(16000 * 40) * 0.05) * 0.3).astype(np.float32), 16000)
+    sf.write(tmp_path / "low.wav", (np.sin(np.arange(8000) * 0.05) * 0.3).astype(np.float32), 8000)
+    extra, msg = BAD_SYNTH[case]
+    rc, err = synth([a.replace("{tmp}", str(tmp_path)) for a in extra])
+    assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
     assert not list(tmp_path.glob("**/*.partial"))
 
 

@@ -196,7 +196,7 @@ def test_convert_export_roundtrip(release, tmp_path, oracle):
 
 
 def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
-    """`cosyvoice2-jax synth` on the release: a text file gives one wav per line; errors are one line."""
+    """`cosyvoice2-jax synth` on the release: a text file gives one wav per non-empty line; errors are one line."""
     import soundfile as sf
 
     from cosyvoice2_jax.cli import main
@@ -211,7 +211,7 @@ def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
             "--prompt-wav", str(prompt), "--out", str(out), "--greedy", "--quiet"]
     assert main(args) == 0
     files = sorted(out.glob("*.wav"))
-    assert [f.name for f in files] == ["0001.wav", "0002.wav"]
+    assert [f.name for f in files] == ["0001.wav", "0003.wav"]  # named by line number (line 2 is blank)
     for f in files:
         a, sr = sf.read(f)
         assert sr == 24000 and a.shape[0] > 0 and a.shape[0] % 960 == 0
