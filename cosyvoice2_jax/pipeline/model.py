@@ -170,7 +170,8 @@ class CosyVoice2:
         return list(self.spk2info)
 
     def add_zero_shot_spk(self, prompt_text: str, prompt_speech_16k, zero_shot_spk_id: str) -> bool:
-        """Extract a prompt once and keep it under ``zero_shot_spk_id`` (reuse with ``zero_shot_spk_id=``)."""
+        """Extract a prompt once and keep it under ``zero_shot_spk_id`` (reuse with ``zero_shot_spk_id=``).
+        ``prompt_speech_16k``: a path, ``(array, sr)`` or a bare 16 kHz array (module docstring)."""
         if not zero_shot_spk_id:
             raise ModeError("zero_shot_spk_id must be a non-empty name")
         pf = extract_prompt(prompt_audio(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
