@@ -9,28 +9,34 @@ Subcommands:
   normalize  normalise and split text the way synthesis does
   train      train the LM / flow / HiFT-GAN / DPO objective (configs/train/*.yaml)
 
-User errors (bad file, bad option, bad config key) print one line ``error: ...`` and exit 2.
+User errors (bad file, bad option, bad config key) print one line ``error: ...`` and exit 2,
+before any model loads wherever the input alone decides it (README "Bad input" table). Input
+that works but will likely sound wrong prints ``warning: ...`` lines (:class:`InputWarning`).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import CosyVoiceError
+from .errors import CosyVoiceError, InputWarning
 
 DESCRIPTION = """\
 cosyvoice2-jax: CosyVoice 2 text-to-speech in JAX (CPU, GPU, TPU).
 
-Examples:
+Examples (cosyvoice2_jax/data/prompt_en.wav is the prompt shipped with the package):
   cosyvoice2-jax synth --model-dir pretrained_models/CosyVoice2-0.5B --mode zero_shot \
-      --text "Hello, nice to meet you." --prompt-wav prompt.wav --prompt-text "transcript of prompt.wav" \
-      --out hello.wav
-  cosyvoice2-jax synth --model-dir DIR --mode cross_lingual --text-file lines.txt --prompt-wav prompt.wav --out outdir/
+      --text "Hello, nice to meet you." --prompt-wav cosyvoice2_jax/data/prompt_en.wav \
+      --prompt-text "The quick brown fox jumps over the lazy dog." --out hello.wav
+  cosyvoice2-jax synth --model-dir DIR --mode cross_lingual --text-file lines.txt \
+      --prompt-wav cosyvoice2_jax/data/prompt_en.wav --out outdir/
   cosyvoice2-jax convert pretrained_models/CosyVoice2-0.5B converted/
   cosyvoice2-jax config --preset cosyvoice2 --set flow.cfm.inference_cfg_rate=0.5
-  cosyvoice2-jax features prompt.wav --out prompt_features.npz
+  cosyvoice2-jax features cosyvoice2_jax/data/prompt_en.wav --out prompt_features.npz
   cosyvoice2-jax normalize "今天是2024年。Hello 42 times!" --tokenizer-dir CosyVoice2-0.5B/CosyVoice-BlankEN
 """
 
@@ -107,10 +113,33 @@ def cmd_train(args) -> int:
 MODES = ("zero_shot", "cross_lingual", "instruct2", "sft", "vc")
 
 
-def _check_synth_args(args) -> list[str]:
-    """Mode requirements and input files, checked before the (slow) model load."""
+def _read_text_file(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of the non-blank lines of a UTF-8 file (a byte-order mark is accepted)."""
     from .errors import ConfigError
-    from .frontend.audio import load_wav
+    from .frontend.text import is_blank
+
+    if not path.is_file():
+        raise ConfigError(f"--text-file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"--text-file {path} is not UTF-8: byte 0x{raw[e.start]:02x} at byte offset {e.start} "
+                          f"(line {line}) cannot be decoded; re-save the file as UTF-8 "
+                          "(e.g. iconv -f GBK -t UTF-8 in.txt > out.txt)") from None
+    lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines()) if not is_blank(ln)]
+    if not lines:
+        raise ConfigError(f"--text-file {path} has no non-empty lines")
+    return lines
+
+
+def _check_synth_args(args) -> list[tuple[int, str]]:
+    """Mode requirements, text, speed and input audio, checked before the (slow) model load.
+    Returns ``(line number, text)`` pairs (line 1 for --text); loaded prompts are kept on ``args``."""
+    from .errors import ConfigError
+    from .frontend.text import is_blank
+    from .pipeline.frontend import prompt_audio
 
     need = {"zero_shot": ("prompt_wav|spk_id", "prompt_text|spk_id"), "cross_lingual": ("prompt_wav|spk_id",),
             "instruct2": ("prompt_wav|spk_id", "instruct_text"), "sft": ("spk_id",), "vc": ("source_wav", "prompt_wav")}
@@ -118,46 +147,62 @@ def _check_synth_args(args) -> list[str]:
         if not any(getattr(args, k) for k in req.split("|")):
             flags = " or ".join("--" + k.replace("_", "-") for k in req.split("|"))
             raise ConfigError(f"--mode {args.mode} needs {flags}")
-    texts: list[str] = []
     if args.mode != "vc":
         if (args.text is None) == (args.text_file is None):
             raise ConfigError(f"--mode {args.mode} needs exactly one of --text or --text-file")
         if args.text_file is not None:
-            if not args.text_file.is_file():
-                raise ConfigError(f"--text-file {args.text_file} not found")
-            texts = [ln.strip() for ln in args.text_file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if not texts:
-                raise ConfigError(f"--text-file {args.text_file} has no non-empty lines")
+            texts = _read_text_file(args.text_file)
         else:
-            if not args.text.strip():
-                raise ConfigError("--text is empty; give the sentence to synthesise")
-            texts = [args.text]
+            if is_blank(args.text):
+                raise ConfigError("--text is empty (or only whitespace / zero-width characters); give the sentence "
+                                  "to synthesise")
+            texts = [(1, args.text)]
     else:
-        texts = [""]
-    for k in ("prompt_wav", "source_wav"):
-        if getattr(args, k):
-            load_wav(getattr(args, k), 16000)  # raises a one-line AudioError if unreadable
-    if args.speed <= 0:
-        raise ConfigError(f"--speed must be > 0, got {args.speed}")
+        texts = [(1, "")]
+    if not math.isfinite(args.speed) or args.speed <= 0:
+        raise ConfigError(f"--speed must be a finite number > 0 (1.0 = normal rate), got {args.speed}")
     if args.stream and args.speed != 1.0:
         raise ConfigError("--speed only works without --stream (as the official)")
+    # load once here (one-line AudioError if unreadable, too long, too low a rate); reused for synthesis
+    args.prompt_audio = prompt_audio(args.prompt_wav) if args.prompt_wav else None
+    args.source_audio = prompt_audio(args.source_wav, "source") if args.source_wav else None
     return texts
 
 
-def _outputs(args, n: int) -> list[Path]:
+def _probe_writable(path: Path) -> None:
+    """Create (and remove) ``<path>.partial`` so an unwritable --out fails now, not after the model ran."""
+    from .errors import ConfigError
+
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose an --out in a writable folder") from None
+
+
+def _outputs(args, texts: list[tuple[int, str]]) -> list[Path]:
+    """Output paths: --out itself, or ``<out>/<line number>.wav`` with --text-file (line 3 -> 0003.wav;
+    blank lines make no file). Existing files are refused without --overwrite; the folder must be writable."""
     from .errors import ConfigError
 
     out = Path(args.out)
     if args.text_file is not None:
         if out.suffix.lower() == ".wav":
-            raise ConfigError("with --text-file, --out is a directory (one <line>.wav per line)")
-        paths = [out / f"{i + 1:04d}.wav" for i in range(n)]
+            raise ConfigError("with --text-file, --out is a directory (one <line number>.wav per non-empty line)")
+        paths = [out / f"{n:04d}.wav" for n, _ in texts]
     else:
         paths = [out]
     clash = [str(p) for p in paths if p.exists()]
     if clash and not args.overwrite:
         raise ConfigError(f"{clash[0]} exists" + (f" (and {len(clash) - 1} more)" if len(clash) > 1 else "")
                           + "; pass --overwrite to replace")
+    for p in paths:
+        if p.is_dir():
+            raise ConfigError(f"--out {p} is a directory; give a .wav file name")
+    _probe_writable(paths[0])
     return paths
 
 
@@ -171,7 +216,7 @@ def cmd_synth(args) -> int:
     from .pipeline.release import check_release_dir
 
     texts = _check_synth_args(args)
-    paths = _outputs(args, len(texts))
+    paths = _outputs(args, texts)
     if not is_converted(args.model_dir):
         check_release_dir(args.model_dir)
     if not args.no_cache:  # compiled programs persist too: the second run skips XLA compilation
@@ -191,32 +236,42 @@ def cmd_synth(args) -> int:
           f"({', '.join(f'{k} {v:.1f}s' for k, v in tts.loaded.timings.items())})", file=sys.stderr)
     from tqdm import tqdm
 
-    for text, path in tqdm(list(zip(texts, paths)), disable=len(texts) < 2 or args.quiet, unit="line"):
+    prompt, source = args.prompt_audio, args.source_audio
+    tf = not args.no_text_frontend
+    for (_, text), path in tqdm(list(zip(texts, paths)), disable=len(texts) < 2 or args.quiet, unit="line"):
         kw = dict(stream=args.stream, speed=args.speed)
         if args.mode == "zero_shot":
-            gen = tts.inference_zero_shot(text, args.prompt_text or "", args.prompt_wav, args.spk_id or "",
-                                          text_frontend=not args.no_text_frontend, **kw)
+            gen = tts.inference_zero_shot(text, args.prompt_text or "", prompt, args.spk_id or "", text_frontend=tf, **kw)
         elif args.mode == "cross_lingual":
-            gen = tts.inference_cross_lingual(text, args.prompt_wav, args.spk_id or "",
-                                              text_frontend=not args.no_text_frontend, **kw)
+            gen = tts.inference_cross_lingual(text, prompt, args.spk_id or "", text_frontend=tf, **kw)
         elif args.mode == "instruct2":
-            gen = tts.inference_instruct2(text, args.instruct_text, args.prompt_wav, args.spk_id or "",
-                                          text_frontend=not args.no_text_frontend, **kw)
+            gen = tts.inference_instruct2(text, args.instruct_text, prompt, args.spk_id or "", text_frontend=tf, **kw)
         elif args.mode == "sft":
-            gen = tts.inference_sft(text, args.spk_id, text_frontend=not args.no_text_frontend, **kw)
+            gen = tts.inference_sft(text, args.spk_id, text_frontend=tf, **kw)
         else:
-            gen = tts.inference_vc(args.source_wav, args.prompt_wav, **kw)
+            gen = tts.inference_vc(source, prompt, **kw)
+        # per-segment progress for one long --text (a --text-file shows per-line progress instead)
+        n_seg = len(tts.text.normalize(text, split=True, text_frontend=tf)) if args.mode != "vc" else 1
+        bar = tqdm(total=None if args.stream else n_seg, unit="chunk" if args.stream else "segment",
+                   disable=args.quiet or len(texts) > 1 or (n_seg < 2 and not args.stream))
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         t1, first, n = time.perf_counter(), None, 0
-        with sf.SoundFile(str(tmp), "w", samplerate=tts.sample_rate, channels=1, subtype="PCM_16", format="WAV") as f:
-            for out in gen:
-                if first is None:
-                    first = time.perf_counter() - t1
-                a = np.asarray(out["tts_speech"]).reshape(-1)
-                f.write(a)
-                n += a.shape[0]
-        tmp.replace(path)
+        try:
+            with bar, sf.SoundFile(str(tmp), "w", samplerate=tts.sample_rate, channels=1, subtype="PCM_16",
+                                   format="WAV") as f:
+                for out in gen:
+                    if first is None:
+                        first = time.perf_counter() - t1
+                    a = np.asarray(out["tts_speech"]).reshape(-1)
+                    f.write(a)
+                    n += a.shape[0]
+                    bar.update(1)
+            tmp.replace(path)
+        except BaseException:  # failure or Ctrl-C: no truncated file under any name
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
         dur = n / tts.sample_rate
         took = time.perf_counter() - t1
         if not args.quiet:
@@ -264,15 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, required=True, help="release or converted directory")
     p.add_argument("--mode", choices=MODES, default="zero_shot", help="synthesis mode (default zero_shot)")
     p.add_argument("--text", help="text to speak")
-    p.add_argument("--text-file", type=Path, help="UTF-8 file, one text per line; --out is then a directory")
-    p.add_argument("--prompt-wav", help="prompt speech (any rate; 3-10 s of clean speech)")
+    p.add_argument("--text-file", type=Path,
+                   help="UTF-8 file, one text per line; --out is then a directory with one <line number>.wav per "
+                        "non-empty line (line 3 -> 0003.wav; blank lines make no file)")
+    p.add_argument("--prompt-wav", help="prompt speech file (16 kHz or more, any channels; 3-10 s of clean speech; "
+                                        "over 15 s warns, over 30 s is refused)")
     p.add_argument("--prompt-text", help="transcript of --prompt-wav (zero_shot)")
     p.add_argument("--instruct-text", help="instruction (instruct2)")
     p.add_argument("--spk-id", help="speaker id (sft; or a saved zero-shot speaker)")
     p.add_argument("--source-wav", help="speech to convert (vc)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are produced")
-    p.add_argument("--speed", type=float, default=1.0, help="speaking rate (non-streaming only; default 1.0)")
-    p.add_argument("--out", type=Path, required=True, help="output .wav (or a directory with --text-file)")
+    p.add_argument("--speed", type=float, default=1.0, help="speaking rate > 0 (non-streaming only; default 1.0)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .wav (or a directory with --text-file); written as <out>.partial and renamed "
+                        "when complete")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--greedy", action="store_true", help="greedy LM decoding instead of RAS sampling")
@@ -331,13 +391,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    show = warnings.showwarning
+
+    def one_line(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = one_line
     try:
         return args.func(args)
     except CosyVoiceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = show
 
 
 if __name__ == "__main__":

@@ -28,3 +28,8 @@ class ReleaseDirError(CosyVoiceError, FileNotFoundError):
 
 class ConversionError(CosyVoiceError, ValueError):
     """A checkpoint does not match the model: missing, unexpected or mis-shaped keys."""
+
+
+class InputWarning(UserWarning):
+    """Input that works but will likely sound wrong: a long prompt, characters the tokenizer only
+    spells as raw bytes. The CLI prints these as ``warning: ...`` lines."""

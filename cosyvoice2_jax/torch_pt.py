@@ -29,63 +29,154 @@ _STORAGE_DTYPES = {
 
 
 class _StorageType:
+    """A storage class named in the pickle (``torch.FloatStorage`` ...); only its name is used."""
+
     def __init__(self, name: str):
         self.name = name
-        dt = _STORAGE_DTYPES[name]
-        if dt == "bfloat16":
-            import ml_dtypes
-
-            dt = ml_dtypes.bfloat16
-        self.dtype = np.dtype(dt)
 
 
-def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    arr = storage
-    item = arr.dtype.itemsize
-    if len(size) == 0:
-        return arr[offset].copy()
-    view = np.lib.stride_tricks.as_strided(arr[offset:], shape=tuple(size), strides=tuple(s * item for s in stride))
+def _np_dtype(name: str) -> np.dtype:
+    dt = _STORAGE_DTYPES[name]
+    if dt == "bfloat16":
+        import ml_dtypes
+
+        dt = ml_dtypes.bfloat16
+    return np.dtype(dt).newbyteorder("<")
+
+
+class _Record:
+    """A tensor as the pickle describes it, checked and built after unpickling (when its key is known)."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+
+class _Storage:
+    def __init__(self, key: str, arr: np.ndarray):
+        self.key, self.arr = key, arr
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _build(rec: _Record) -> np.ndarray:
+    """Check a tensor record against its storage and build the array; ValueError says what is wrong."""
+    st, offset = rec.storage, rec.offset
+    if not isinstance(st, _Storage):
+        raise ValueError(f"its storage is a {type(st).__name__}, not a tensor storage")
+    size, stride = rec.size, rec.stride
+    if not isinstance(size, (tuple, list)) or not all(_is_int(d) and d >= 0 for d in size):
+        raise ValueError(f"bad size {size!r} (needs non-negative integers)")
+    if not isinstance(stride, (tuple, list)) or len(stride) != len(size) \
+            or not all(_is_int(d) and d >= 0 for d in stride):
+        raise ValueError(f"bad stride {stride!r} for size {tuple(size)} (needs one non-negative integer per dim)")
+    if not _is_int(offset) or offset < 0:
+        raise ValueError(f"bad storage offset {offset!r}")
+    n_store = st.arr.shape[0]
+    numel = int(np.prod(size, dtype=object)) if size else 1
+    if numel == 0:
+        return np.zeros(tuple(size), st.arr.dtype)
+    last = offset + sum((d - 1) * s for d, s in zip(size, stride))
+    if last >= n_store:
+        raise ValueError(f"size {tuple(size)} / stride {tuple(stride)} / offset {offset} reach element {last} of "
+                         f"storage {st.key!r}, which has {n_store} elements")
+    if numel > n_store:
+        raise ValueError(f"{numel} elements overlap in storage {st.key!r} of {n_store} (not a weights tensor)")
+    if not size:
+        return st.arr[offset].copy()
+    item = st.arr.dtype.itemsize
+    view = np.lib.stride_tricks.as_strided(st.arr[offset:], shape=tuple(size), strides=tuple(s * item for s in stride))
     return np.array(view)
-
-
-def _rebuild_parameter(data, requires_grad=False, hooks=None, *extra):
-    return data
 
 
 class _Unpickler(pickle.Unpickler):
     def __init__(self, fp, archive: zipfile.ZipFile, prefix: str):
         super().__init__(fp)
         self.archive, self.prefix = archive, prefix
-        self.cache: dict[str, np.ndarray] = {}
+        self.cache: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
+        # fresh callables per lookup: a hostile BUILD opcode cannot alter anything shared
         if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
+            return lambda *a: collections.OrderedDict(*a)
         if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
+            return lambda storage, offset, size, stride, *rest: _Record(storage, offset, size, stride)
         if module == "torch._utils" and name == "_rebuild_parameter":
-            return _rebuild_parameter
+            return lambda data, *rest: data
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only tensors and dicts are allowed "
                                      "in a weights file")
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        _, stype, key, _location, _numel = pid
-        if key not in self.cache:
-            raw = self.archive.read(f"{self.prefix}data/{key}")
-            self.cache[key] = np.frombuffer(raw, dtype=stype.dtype.newbyteorder("<"))
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}"[:200])
+        _, stype, key, _location, numel = pid
+        if not isinstance(stype, _StorageType) or stype.name not in _STORAGE_DTYPES:
+            raise pickle.UnpicklingError(f"storage {key!r}: {stype!r} is not a torch storage type"[:200])
+        if not isinstance(key, str) or not _is_int(numel) or numel < 0:
+            raise pickle.UnpicklingError(f"storage record {pid!r} has a bad key or element count"[:200])
+        dtype = _np_dtype(stype.name)
+        if key in self.cache:
+            got = self.cache[key]
+            if got.arr.dtype != dtype or got.arr.shape[0] != numel:
+                raise pickle.UnpicklingError(f"storage {key!r} is named twice with different types or sizes")
+            return got
+        entry = f"{self.prefix}data/{key}"
+        try:
+            info = self.archive.getinfo(entry)
+        except KeyError:
+            raise pickle.UnpicklingError(f"storage {key!r}: the archive has no entry {entry}") from None
+        if info.file_size != numel * dtype.itemsize:
+            raise pickle.UnpicklingError(f"storage {key!r}: {numel} x {dtype.itemsize}-byte elements need "
+                                         f"{numel * dtype.itemsize} bytes but its zip entry has {info.file_size}")
+        raw = self.archive.read(entry)
+        if len(raw) != info.file_size:
+            raise pickle.UnpicklingError(f"storage {key!r}: zip entry truncated")
+        if dtype == np.bool_ and raw and max(raw) > 1:
+            raise pickle.UnpicklingError(f"storage {key!r}: bool storage holds bytes other than 0/1")
+        self.cache[key] = _Storage(key, np.frombuffer(raw, dtype=dtype))
         return self.cache[key]
 
 
+def _materialize(obj, path: Path, where: str = "", depth: int = 0):
+    """Replace every tensor record by its checked array (dict keys name the failing tensor)."""
+    if depth > 100:
+        raise ConversionError(f"{path}: nesting deeper than 100 levels at {where or 'top'}; not a weights file")
+    if isinstance(obj, _Record):
+        try:
+            arr = _build(obj)
+        except ValueError as e:
+            raise ConversionError(f"{path}: tensor {where or '(top level)'}: {e}; the file is damaged or not a "
+                                  "torch weights file (re-download or re-export it)") from None
+        return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else arr
+    if isinstance(obj, dict):
+        out = collections.OrderedDict() if isinstance(obj, collections.OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = _materialize(v, path, f"{where}.{k}" if where else str(k), depth + 1)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_materialize(v, path, f"{where}[{i}]", depth + 1) for i, v in enumerate(obj))
+    if isinstance(obj, (_Storage, _StorageType)):
+        raise ConversionError(f"{path}: a bare storage at {where or 'top'} (not inside a tensor); not a weights file")
+    return obj
+
+
 def load_pt(path: str | Path) -> dict[str, Any]:
-    """The object (normally a state dict) in a zip-format ``.pt`` file, tensors as numpy arrays."""
+    """The object (normally a state dict) in a zip-format ``.pt`` file, tensors as numpy arrays.
+
+    Every tensor record is checked against its storage before it is read: sizes, strides and
+    offset must stay inside the storage, the storage's zip entry must hold exactly its element
+    count of its dtype. A damaged or hostile file raises :class:`ConversionError` naming the file
+    (and the tensor's key), never reads outside the data or crashes.
+    """
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
+    except Exception as e:  # BadZipFile, OSError, and whatever a damaged central directory raises
+        if isinstance(e, OSError) and not path.is_file():
+            raise ConversionError(f"{path}: cannot open ({e.strerror or e})") from None
         raise ConversionError(f"{path} is not a zip-format torch checkpoint (legacy pre-1.6 files need "
                               "torch itself: pip install 'cosyvoice2-jax[torch]')") from None
     with zf:
@@ -93,21 +184,15 @@ def load_pt(path: str | Path) -> dict[str, Any]:
         if len(pkl) != 1:
             raise ConversionError(f"{path}: expected one data.pkl in the archive, found {len(pkl)}")
         prefix = pkl[0][: -len("data.pkl")]
-        with zf.open(pkl[0]) as fp:
-            try:
+        try:
+            with zf.open(pkl[0]) as fp:
                 obj = _Unpickler(fp, zf, prefix).load()
-            except pickle.UnpicklingError as e:
-                raise ConversionError(f"{path}: {e}") from None
-    out = obj
-
-    def fix(v):
-        if isinstance(v, np.ndarray) and v.dtype.name == "bfloat16":
-            return v.astype(np.float32)
-        return v
-
-    if isinstance(out, dict):
-        return {k: fix(v) for k, v in out.items()}
-    return out
+        except pickle.UnpicklingError as e:
+            raise ConversionError(f"{path}: {e}") from None
+        except (Exception, RecursionError) as e:  # damaged archive/pickle: whatever the opcode soup raises
+            raise ConversionError(f"{path}: damaged torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
+                                  "re-download or re-export it") from None
+    return _materialize(obj, path)
 
 
 # ----------------------------------------------------------------------------------- writing
@@ -127,13 +212,13 @@ class _Global:
         raise TypeError(f"{self.module}.{self.name} is a placeholder")
 
 
-class _Storage:
+class _WStorage:
     def __init__(self, key: str, arr: np.ndarray):
         self.key, self.arr = key, arr
 
 
 class _Tensor:
-    def __init__(self, storage: _Storage, shape: tuple[int, ...]):
+    def __init__(self, storage: _WStorage, shape: tuple[int, ...]):
         self.storage, self.shape = storage, shape
 
 
@@ -145,7 +230,7 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler lets us emit torch G
         super().save(obj, save_persistent_id)
 
     def persistent_id(self, obj):
-        if isinstance(obj, _Storage):
+        if isinstance(obj, _WStorage):
             return ("storage", _Global("torch", _NP_TO_STORAGE[obj.arr.dtype]), obj.key, "cpu", int(obj.arr.size))
         return None
 
@@ -166,7 +251,7 @@ def save_pt(obj: Any, path: str | Path) -> Path:
     import io
 
     path = Path(path)
-    storages: list[_Storage] = []
+    storages: list[_WStorage] = []
 
     def wrap(v):
         if isinstance(v, dict):
@@ -174,7 +259,7 @@ def save_pt(obj: Any, path: str | Path) -> Path:
         a = np.array(v, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray would not)
         if a.dtype not in _NP_TO_STORAGE:
             raise ConversionError(f"save_pt: dtype {a.dtype} has no torch storage type here")
-        s = _Storage(str(len(storages)), a.astype(a.dtype.newbyteorder("<"), copy=False))
+        s = _WStorage(str(len(storages)), a.astype(a.dtype.newbyteorder("<"), copy=False))
         storages.append(s)
         return _Tensor(s, a.shape)
 

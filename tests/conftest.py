@@ -7,8 +7,11 @@
   ``COSYVOICE2_REQUIRE_ORACLE=1`` (set by .ci/run), where a missing oracle is an error.
 * ``compiles``: names of the XLA programs compiled so far (jax's compile events), to check that
   bucketed entry points do not recompile; library code keeps no test counters.
-* ``real_wavs``: real speech for front-end tests (``../shared/audio`` of the team checkout, and
-  the two wavs the s3tokenizer package ships, found through the oracle).
+* ``prompt_wav``: the prompt shipped in the package (``cosyvoice2_jax/data/prompt_en.wav``,
+  espeak-ng, 22.05 kHz, with its transcript); ``speech_wavs``: it plus the two real-speech wavs the
+  s3tokenizer package ships (found through the oracle): enough for front-end parity, no team data.
+* ``real_wavs``: ``../shared/audio`` of the team checkout plus the s3tokenizer wavs, for the
+  full-size tokenizer / CAM++ parity tests that need several real speakers.
 """
 from __future__ import annotations
 
@@ -73,6 +76,20 @@ def oracle():
         pytest.skip(str(e))
     yield o
     o.close()
+
+
+@pytest.fixture(scope="session")
+def prompt_wav() -> tuple[Path, str]:
+    from cosyvoice2_jax.pipeline.frontend import example_prompt
+
+    return example_prompt()
+
+
+@pytest.fixture(scope="session")
+def speech_wavs(prompt_wav, oracle) -> list[Path]:
+    """The shipped prompt plus the two s3tokenizer package wavs (real speech)."""
+    out = oracle("frontend:s3tokenizer_assets")
+    return [prompt_wav[0]] + [Path(str(p)) for p in out["paths"].tolist()]
 
 
 SHARED_AUDIO = REPO.parent / "shared" / "audio"

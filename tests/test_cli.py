@@ -41,3 +41,113 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err, err
+
+
+# ------------------------------------------------------------------ synth: bad input, outputs (no model)
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+from cosyvoice2_jax.llm.generate import GenerationError  # noqa: E402
+
+
+class _FakeTTS:
+    """Stands in for CosyVoice2 in `synth`: one 0.1 s chunk per '.'-segment; ``fail`` raises after the first."""
+
+    sample_rate = 24000
+    loaded = types.SimpleNamespace(timings={})
+
+    def __init__(self, fail=None):
+        self.fail, self.calls = fail, []
+        self.text = types.SimpleNamespace(normalize=lambda t, split=True, text_frontend=True:
+                                          [s.strip() + "." for s in t.split(".") if s.strip()])
+
+    def inference_cross_lingual(self, text, prompt, spk, text_frontend=True, stream=False, speed=1.0):
+        self.calls.append((text, prompt))
+        for i, _ in enumerate(self.text.normalize(text)):
+            if i == 1 and self.fail is not None:
+                raise self.fail
+            yield {"tts_speech": np.full((1, 2400), 0.1, np.float32)}
+
+
+@pytest.fixture
+def synth(tmp_path, monkeypatch, capsys):
+    """``run(extra_args, fake) -> (rc, stderr)`` with the model load replaced by ``fake`` (None: loading fails the test)."""
+    from cosyvoice2_jax.pipeline import loading, model
+
+    p16 = tmp_path / "p.wav"
+    sf.write(p16, (np.sin(np.arange(48000) * 0.05) * 0.3).astype(np.float32), 16000)
+
+    def run(extra, fake=None):
+        def load(cls, *a, **k):
+            assert fake is not None, "the model was loaded before the bad input was caught"
+            return fake
+        monkeypatch.setattr(model.CosyVoice2, "from_pretrained", classmethod(load))
+        monkeypatch.setattr(loading, "is_converted", lambda d: True)
+        argv = ["synth", "--model-dir", str(tmp_path), "--mode", "cross_lingual", "--no-cache"]
+        if "--prompt-wav" not in extra:
+            argv += ["--prompt-wav", str(p16)]
+        rc = cli.main(argv + extra)
+        return rc, capsys.readouterr().err
+    return run
+
+
+BAD_SYNTH = {  # name: (extra args, expected message); {tmp} is the test folder
+    "out_proc": (["--text", "Hi.", "--out", "/proc/x.wav"], "cannot write /proc/x.wav"),
+    "out_under_file": (["--text", "Hi.", "--out", "{tmp}/file.txt/sub/x.wav"], "cannot write"),
+    "text_file_latin1": (["--text-file", "{tmp}/latin1.txt", "--out", "{tmp}/od"],
+                         "not UTF-8: byte 0xe9 at byte offset 10 (line 2)"),
+    "speed_nan": (["--text", "Hi.", "--speed", "nan", "--out", "{tmp}/o.wav"], "--speed must be a finite number > 0"),
+    "speed_inf": (["--text", "Hi.", "--speed", "inf", "--out", "{tmp}/o.wav"], "--speed must be a finite number > 0"),
+    "text_zero_width": (["--text", "\u200b\u200d", "--out", "{tmp}/o.wav"], "--text is empty"),
+    "prompt_40s": (["--text", "Hi.", "--prompt-wav", "{tmp}/long.wav", "--out", "{tmp}/o.wav"],
+                   "40.0 s long; the limit is 30 s"),
+    "prompt_8khz": (["--text", "Hi.", "--prompt-wav", "{tmp}/low.wav", "--out", "{tmp}/o.wav"], "8000 Hz"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SYNTH))
+def test_synth_bad_input_is_one_line_before_the_model_loads(synth, tmp_path, case):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "latin1.txt").write_bytes("Hello.\nCaf\xe9 au lait.\n".encode("latin-1"))
+    sf.write(tmp_path / "long.wav", (np.sin(np.arange(16000 * 40) * 0.05) * 0.3).astype(np.float32), 16000)
+    sf.write(tmp_path / "low.wav", (np.sin(np.arange(8000) * 0.05) * 0.3).astype(np.float32), 8000)
+    extra, msg = BAD_SYNTH[case]
+    rc, err = synth([a.replace("{tmp}", str(tmp_path)) for a in extra])
+    assert rc == 2 and err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_synth_text_file_outputs_by_line_number(synth, tmp_path):
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes("\ufeffHello there.\n\n \u200b\nGood morning.\n".encode("utf-8"))  # BOM, blank lines 2-3
+    fake = _FakeTTS()
+    rc, err = synth(["--text-file", str(lines), "--out", str(tmp_path / "out"), "--quiet"], fake)
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0001.wav", "0004.wav"]
+    assert [c[0] for c in fake.calls] == ["Hello there.", "Good morning."]  # the BOM is not text
+    assert "line 3 -> 0003.wav" in cli.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
+
+
+def test_synth_failure_or_interrupt_leaves_no_file(synth, tmp_path):
+    for exc, code in ((GenerationError("the LM produced no speech tokens"), 2), (KeyboardInterrupt(), 130),
+                      (RuntimeError("XLA out of memory"), None)):
+        out = tmp_path / "x.wav"
+        if code is None:  # an unexpected error keeps its traceback, and still leaves no file
+            with pytest.raises(RuntimeError):
+                synth(["--text", "One. Two. Three.", "--out", str(out)], _FakeTTS(fail=exc))
+        else:
+            rc, err = synth(["--text", "One. Two. Three.", "--out", str(out)], _FakeTTS(fail=exc))
+            assert rc == code, err
+        assert not out.exists() and not list(tmp_path.glob("*.partial")), list(tmp_path.iterdir())
+
+
+def test_synth_progress_and_prompt_warning(synth, tmp_path):
+    mid = tmp_path / "mid.wav"
+    sf.write(mid, (np.sin(np.arange(16000 * 16) * 0.05) * 0.3).astype(np.float32), 16000)
+    rc, err = synth(["--text", "One. Two. Three.", "--prompt-wav", str(mid), "--out", str(tmp_path / "y.wav")],
+                    _FakeTTS())
+    assert rc == 0, err
+    assert "3/3" in err and "segment" in err  # per-segment progress for one long --text
+    assert "warning: prompt audio" in err and "16.0 s long" in err
+    assert sf.read(tmp_path / "y.wav")[0].shape[0] == 3 * 2400

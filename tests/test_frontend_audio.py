@@ -14,10 +14,10 @@ from cosyvoice2_jax.frontend import audio
 
 
 @pytest.fixture(scope="module")
-def wavs16(real_wavs, oracle):
-    """Each real wav loaded at 16 kHz by the official loader and by ours."""
+def wavs16(speech_wavs, oracle):
+    """Each wav (shipped prompt + s3tokenizer's real speech) loaded at 16 kHz by the official loader and by ours."""
     out = []
-    for p in real_wavs:
+    for p in speech_wavs:
         ref = oracle("frontend:load_wav_official", path=str(p), target_sr=16000)["wav"]
         ours = audio.load_wav(p, 16000)
         out.append((p, ours, ref))
@@ -170,3 +170,71 @@ def test_load_wav_channels_int_pcm_and_rates(tmp_path):
     np.testing.assert_allclose(audio.load_wav(st.T, 48000, sr=48000), st.mean(axis=1), atol=1e-7)
     # upsampling works too (the official loader refuses it)
     assert audio.load_wav(st[:, 0], 24000, sr=16000).shape == (7200,)
+
+
+def test_prompt_files_match_official_head_front_end(oracle, tmp_path):
+    """Prompt files at 16 / 22.05 / 24 / 44.1 / 48 kHz, mono and stereo: our path route equals the
+    official git-HEAD front end (each load resamples from the file's own rate): flow prompt mel
+    <= 2e-4, tokenizer and CAM++ inputs as tight as the tests above. The old route (16 kHz, then
+    16 -> 24 kHz) differs from HEAD's prompt mel wherever the file has content above 8 kHz."""
+    from prompt_files import prompt_files
+
+    from cosyvoice2_jax.pipeline.frontend import prompt_audio
+
+    for path, sr, ch in prompt_files(tmp_path, seconds=2.0):
+        ref = oracle("frontend:head_prompt_features", path=str(path))
+        pa = prompt_audio(path)
+        assert pa.source_sr == sr
+        np.testing.assert_allclose(pa.wav16, ref["wav16"], atol=1e-5, err_msg=str(path))
+        np.testing.assert_allclose(pa.wav24, ref["wav24"], atol=1e-5, err_msg=str(path))
+        mel = audio.mel_24k(pa.wav24, sr=24000)
+        assert mel.shape == ref["mel"].shape, path
+        assert np.abs(mel - ref["mel"]).max() <= 2e-4, (path, np.abs(mel - ref["mel"]).max())
+        # tokenizer / CAM++ inputs: the formulas on HEAD's own 16 kHz wave as tight as the tests above;
+        # from our wave (resampler float32-summation differences <= 1e-5, see above) within 2e-4
+        wm = audio.whisper_log_mel(pa.wav16, sr=16000)
+        assert wm.shape == ref["whisper"].shape, path
+        assert np.abs(audio.whisper_log_mel(ref["wav16"], sr=16000) - ref["whisper"]).max() <= 1e-4, path
+        assert np.abs(wm - ref["whisper"]).max() <= 2e-4, (path, np.abs(wm - ref["whisper"]).max())
+        fb = audio.kaldi_fbank(pa.wav16, sr=16000)
+        err = np.abs(fb - ref["fbank"])
+        assert err.max() <= 1e-3 and np.percentile(err, 99.9) <= 2e-4, (path, err.max())
+        # (array, sample_rate) is the same route as the file
+        data, _ = sf.read(str(path), dtype="float32", always_2d=True)
+        same = prompt_audio((data.T.copy(), sr))
+        np.testing.assert_array_equal(same.wav24, pa.wav24)
+        # the old convention (a bare 16 kHz array) keeps the 16 -> 24 kHz detour
+        old = prompt_audio(pa.wav16)
+        np.testing.assert_array_equal(old.wav16, pa.wav16)
+        old_err = np.abs(audio.mel_24k(old.wav24, sr=24000) - ref["mel"]).max()
+        if sr > 16000:
+            assert old_err > 0.1, (path, old_err)  # what issue 17 measured: the top bins are lost
+        else:
+            assert old_err <= 2e-4, (path, old_err)
+
+
+def test_prompt_audio_inputs_and_limits(tmp_path):
+    from prompt_files import speechlike
+
+    from cosyvoice2_jax.errors import InputWarning
+    from cosyvoice2_jax.pipeline.frontend import prompt_audio
+
+    p8 = tmp_path / "8k.wav"
+    sf.write(p8, speechlike(8000, 1.0), 8000)
+    with pytest.raises(AudioError, match="8000 Hz.*at least 16000"):
+        prompt_audio(p8)
+    with pytest.raises(AudioError, match="at least 16000"):
+        prompt_audio((speechlike(8000, 1.0), 8000))
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(speechlike(16000, 1.0), 31), 16000)
+    with pytest.raises(AudioError, match="31.0 s long; the limit is 30 s"):
+        prompt_audio(long)
+    with pytest.raises(AudioError, match="the limit is 30 s"):
+        prompt_audio(np.tile(speechlike(16000, 1.0), 31))
+    with pytest.warns(InputWarning, match="16.0 s long; prompts over 15 s"):
+        prompt_audio(np.tile(speechlike(16000, 1.0), 16))
+    with pytest.raises(AudioError, match="at least 0.2 s"):
+        prompt_audio(speechlike(16000, 0.1))
+    assert prompt_audio(np.tile(speechlike(16000, 1.0), 31), "source").seconds == 31.0  # vc source: no limit
+    with pytest.raises(AudioError, match="bare array must be mono 16 kHz"):
+        prompt_audio(np.zeros((2, 3, 4)))

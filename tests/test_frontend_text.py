@@ -170,3 +170,24 @@ def test_bad_text_inputs(tok, tmp_path):
     for fn, msg in cases:
         with pytest.raises(TextError, match=msg):
             fn()
+
+
+def test_byte_fallback_chars_and_blank_text(tok):
+    """Characters the BPE only spells as raw bytes are named; zero-width-only text is empty."""
+    assert tok.byte_fallback_chars("你好, hello") == []  # in the toy tokenizer's corpus
+    got = tok.byte_fallback_chars("hello \ue000 ሰላም \u200b ሰ")
+    assert got == ["\ue000", "ሰ", "ላ", "ም", "\u200b"]  # private use, Ethiopic, zero-width space; once each
+    assert T.is_blank("\u200b\u200c\u200d\u2060\ufeff \n") and not T.is_blank("\u200ba")
+    fe = T.TextFrontend(tok, use_wetext=False)
+    for text_frontend in (True, False):
+        with pytest.raises(TextError, match="zero-width"):
+            fe.normalize("\u200b\u200b", text_frontend=text_frontend)
+
+
+def test_markers_skip_the_rules_as_head(tok):
+    """Official git HEAD ``text_normalize``: text with a ``<|...|>`` marker skips normalisation."""
+    fe = T.TextFrontend(tok, use_wetext=False)
+    text = "You are 2 times<|endofprompt|>faster."
+    assert fe.normalize(text) == [text]
+    assert fe.normalize(text, split=False) == text
+    assert fe.normalize("You are 2 times faster.") == ["You are two times faster."]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cosyvoice2_jax.config import StreamingConfig
-from cosyvoice2_jax.errors import AudioError, ConfigError, TextError
+from cosyvoice2_jax.errors import AudioError, ConfigError, InputWarning, TextError
 from cosyvoice2_jax.pipeline import token2wav as T
 from cosyvoice2_jax.pipeline.model import CosyVoice2, ModeError, SynthesisRequest
 from pipeline_toy import toy_loaded
@@ -28,10 +28,10 @@ def tts(loaded):
 
 
 @pytest.fixture(scope="module")
-def prompt(shared_wavs):
+def prompt(prompt_wav):
     from cosyvoice2_jax.frontend.audio import load_wav
 
-    return load_wav(shared_wavs[0], 16000)[: 16000 * 3]
+    return load_wav(prompt_wav[0], 16000)[: 16000 * 3]
 
 
 def _cap_lm(tts, n):
@@ -186,6 +186,22 @@ def test_bad_input(tts, prompt):
         list(tts.inference_cross_lingual("Hi.", "/nonexistent.wav"))
     with pytest.raises(ModeError, match="unknown mode"):
         tts.synthesize_batch([SynthesisRequest("karaoke", "Hi.")])
+    # non-finite speed is refused up front (it used to pass `speed <= 0` and fail after the LM ran)
+    for bad in (float("nan"), float("inf"), -1.0, 0.0):
+        with pytest.raises(ConfigError, match="finite number > 0"):
+            next(tts.inference_sft("Hi.", "spk_a", speed=bad))
+        with pytest.raises(ConfigError, match="finite number > 0"):
+            tts.synthesize_batch([SynthesisRequest("sft", "Hi.", spk_id="spk_a", speed=bad)])
+    # zero-width-only text is empty; characters the tokenizer only has as raw bytes warn, named
+    with pytest.raises(TextError, match="zero-width"):
+        next(tts.inference_sft("\u200b\u2060\ufeff", "spk_a"))
+    with pytest.warns(InputWarning, match=r"U\+E000.*U\+200B"):
+        tts._inputs(SynthesisRequest("sft", "Hi \ue000 there\u200b.", spk_id="spk_a"))
+    # prompts: over 30 s refused with the reason, over 15 s warn
+    with pytest.raises(AudioError, match="the limit is 30 s"):
+        next(tts.inference_cross_lingual("Hi.", np.tile(prompt, 11)))
+    with pytest.warns(InputWarning, match="prompts over 15 s"):
+        tts._inputs(SynthesisRequest("cross_lingual", "Hi.", np.tile(prompt, 6)))
 
 
 def test_sharded_batch_equals_single_device(loaded, tts, prompt):

@@ -120,6 +120,34 @@ def test_speech_tokens_and_frontend_equal(tts, release, oracle, wavs):
     np.testing.assert_array_equal(toks, ref["tokens"])
 
 
+def test_prompt_files_match_official_head(tts, release, oracle, tmp_path):
+    """Prompt *files* at 16 / 22.05 / 24 / 44.1 / 48 kHz, mono and stereo, against the official git-HEAD
+    front end (tests/oracle/pipeline.py:head_prompt: HEAD's per-rate loader + the official feature,
+    tokenizer and CAM++ calls; checked once by hand against HEAD's own frontend.py: bit-identical).
+    zero_shot (trimmed) and vc (untrimmed) prompt parts: tokens equal, prompt mel <= 2e-4, x-vector as above."""
+    from prompt_files import prompt_files
+
+    from cosyvoice2_jax.pipeline.frontend import extract_prompt, prompt_audio
+
+    files = prompt_files(tmp_path, seconds=2.0)
+    paths = [str(p) for p, _, _ in files]
+    ref = oracle("pipeline:head_prompt", model_dir=str(release), paths=paths)
+    ref_vc = oracle("pipeline:head_prompt", model_dir=str(release), paths=paths, trim=False)
+    for i, (p, sr, ch) in enumerate(files):
+        _, flow = tts._prompt(str(p), "")
+        np.testing.assert_array_equal(flow.token, ref[f"token{i}"], err_msg=str(p))
+        assert flow.feat.shape == ref[f"feat{i}"].shape and np.abs(flow.feat - ref[f"feat{i}"]).max() <= 2e-4, p
+        e, r = flow.embedding.astype(np.float64), ref[f"embedding{i}"].astype(np.float64)
+        assert np.abs(e - r).max() <= 2e-4 * np.abs(r).max(), p
+        assert e @ r / np.linalg.norm(e) / np.linalg.norm(r) > 0.9999999, p
+        vc = extract_prompt(prompt_audio(p), tts.speech_tokenizer, tts.speaker_encoder, trim=False)
+        np.testing.assert_array_equal(vc.speech_token, ref_vc[f"token{i}"], err_msg=str(p))
+        assert np.abs(vc.speech_feat - ref_vc[f"feat{i}"]).max() <= 2e-4, p
+        if sr == 48000 and ch == 1:  # the old 16 kHz-array route is not HEAD's for such a file
+            _, old = tts._prompt(prompt_audio(p).wav16, "")
+            assert np.abs(old.feat - ref[f"feat{i}"]).max() > 0.1
+
+
 def test_bistream_text_generator_matches_official(tts, release, oracle, wavs):
     """tts_text as a generator of pieces (bistream LM: 5 text : 15 speech), streaming out."""
     pieces = ["Hello there, ", "my friend. ", "How are ", "you today?"]
@@ -168,7 +196,7 @@ def test_convert_export_roundtrip(release, tmp_path, oracle):
 
 
 def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
-    """`cosyvoice2-jax synth` on the release: a text file gives one wav per line; errors are one line."""
+    """`cosyvoice2-jax synth` on the release: a text file gives one wav per non-empty line; errors are one line."""
     import soundfile as sf
 
     from cosyvoice2_jax.cli import main
@@ -183,7 +211,7 @@ def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
             "--prompt-wav", str(prompt), "--out", str(out), "--greedy", "--quiet"]
     assert main(args) == 0
     files = sorted(out.glob("*.wav"))
-    assert [f.name for f in files] == ["0001.wav", "0002.wav"]
+    assert [f.name for f in files] == ["0001.wav", "0003.wav"]  # named by line number (line 2 is blank)
     for f in files:
         a, sr = sf.read(f)
         assert sr == 24000 and a.shape[0] > 0 and a.shape[0] % 960 == 0

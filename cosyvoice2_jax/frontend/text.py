@@ -83,6 +83,27 @@ class QwenTextTokenizer:
         skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
         return self.tokenizer.batch_decode([[int(i) for i in ids]], skip_special_tokens=skip)[0]
 
+    def byte_fallback_chars(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` this tokenizer can only spell as raw UTF-8 bytes
+        (no vocabulary entry holds the whole character: scripts the model was not trained on,
+        private-use, zero-width and other rare characters), in order of appearance."""
+        out: list[str] = []
+        seen: set[str] = set()
+        for c in text:
+            if c in seen or c.isascii():
+                continue
+            seen.add(c)
+            if self._is_byte_fallback(c):
+                out.append(c)
+        return out
+
+    @functools.lru_cache(maxsize=4096)
+    def _is_byte_fallback(self, ch: str) -> bool:
+        # alone, a known character encodes to tokens each holding whole characters; an unknown one
+        # to byte pieces, each of which decodes to an invalid (replacement) character
+        ids = self.tokenizer([ch], add_special_tokens=False)["input_ids"][0]
+        return any("\ufffd" in self.tokenizer.decode([i]) for i in ids) and ch != "\ufffd"
+
     def token_id(self, token: str) -> int:
         """Id of a (special) token string, read from the loaded vocabulary."""
         i = self.tokenizer.convert_tokens_to_ids(token)
@@ -106,6 +127,15 @@ class QwenTextTokenizer:
 # ----------------------------------------------------------------------------------- rules
 _CHINESE = re.compile(r"[\u4e00-\u9fff]+")
 _ONLY_PUNCT = regex.compile(r"^[\p{P}\p{S}]*$")
+
+
+_INVISIBLE = regex.compile(r"[\s\p{Cf}]*")
+
+
+def is_blank(text: str) -> bool:
+    """True for text made only of whitespace and invisible format characters (zero-width space,
+    joiners, word joiner, byte-order mark ...): nothing to speak."""
+    return bool(_INVISIBLE.fullmatch(text))
 
 
 def contains_chinese(text: str) -> bool:
@@ -250,8 +280,8 @@ def normalize(text: str, tokenize: Callable[[str], Sequence[int]], *, split: boo
     if not isinstance(text, str):
         raise TextError(f"text must be a str, got {type(text).__name__}")
     text = text.strip()
-    if not text:
-        raise TextError("text is empty (or only whitespace); give the sentence to synthesise")
+    if is_blank(text):
+        raise TextError("text is empty (or only whitespace / zero-width characters); give the sentence to synthesise")
     if use_wetext and not wetext_available():
         raise TextError("use_wetext=True but the 'wetext' package is not installed: pip install wetext")
     use = wetext_available() if use_wetext is None else use_wetext
@@ -287,13 +317,17 @@ class TextFrontend:
         self.use_wetext = use_wetext
 
     def normalize(self, text, split: bool = True, text_frontend: bool = True):
-        """Like the official ``text_normalize``: generators pass through untouched (bistream),
-        ``text_frontend=False`` returns the text as is (one piece)."""
+        """Like the official (git HEAD) ``text_normalize``: generators pass through untouched
+        (bistream); ``text_frontend=False``, or text holding a ``<|...|>`` marker (HEAD skips the
+        rules then so markers survive), returns the text as is (one piece)."""
         if isinstance(text, Iterator):
             return [text]
+        if isinstance(text, str) and "<|" in text and "|>" in text:
+            text_frontend = False
         if not text_frontend:
-            if isinstance(text, str) and not text.strip():
-                raise TextError("text is empty (or only whitespace); give the sentence to synthesise")
+            if isinstance(text, str) and is_blank(text):
+                raise TextError("text is empty (or only whitespace / zero-width characters); give the sentence "
+                                "to synthesise")
             return [text] if split else text
         return normalize(text, self.tokenizer.encode, split=split, use_wetext=self.use_wetext)
 

@@ -12,16 +12,30 @@ Modes (official ``cosyvoice/cli/cosyvoice.py``): ``inference_sft`` (built-in spe
 (one per text segment, or per streaming chunk). ``tts_text`` may be a generator of text pieces
 (bistream: the LM starts before the text is complete).
 
+Prompt audio (``prompt_speech_16k``, ``source_speech_16k``; the official git HEAD calls them
+``prompt_wav``/``source_wav``) may be given as:
+
+* a file path (any rate >= 16 kHz, any channels): resampled from the file's own rate separately to
+  16 kHz (tokens, CAM++) and to 24 kHz (flow prompt mel), as the official git HEAD front end;
+* ``(array, sample_rate)``: the same, from the array's rate;
+* a bare array ``(samples,)`` / ``(1, samples)``: the old convention, taken as 16 kHz, the 24 kHz
+  waveform resampled from it (as the official 2025 API that took ``prompt_speech_16k``).
+
+See :mod:`cosyvoice2_jax.pipeline.frontend`. Prompts over 30 s are refused, over 15 s warn.
+
 Differences from the official class: outputs are numpy arrays; every call takes an optional PRNG
-``key`` (default: derived from ``seed`` and a call counter, so runs are reproducible); prompts may be
-file paths (any sample rate) or 16 kHz arrays; ``save_spkinfo`` writes our ``spk2info.npz`` (the
-release's ``spk2info.pt`` is never overwritten); ``synthesize_batch`` runs many requests at once.
+``key`` (default: derived from ``seed`` and a call counter, so runs are reproducible);
+``save_spkinfo`` writes our ``spk2info.npz`` (the release's ``spk2info.pt`` is never overwritten);
+``synthesize_batch`` runs many requests at once; bad input raises a typed
+:class:`~cosyvoice2_jax.errors.CosyVoiceError` before any model runs.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import logging
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
@@ -29,14 +43,14 @@ import jax
 import numpy as np
 
 from ..config import ModelConfig, StreamingConfig
-from ..errors import ConfigError, CosyVoiceError, TextError
-from ..frontend.text import QwenTextTokenizer, TextFrontend
+from ..errors import ConfigError, CosyVoiceError, InputWarning, TextError
+from ..frontend.text import QwenTextTokenizer, TextFrontend, is_blank
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
 from ..flow.runtime import FlowPrompt
 from ..hift.runtime import NoiseFn
 from ..speaker.runtime import SpeakerEncoder
 from ..tokenizer.runtime import SpeechTokenizer
-from .frontend import as_wav_16k, extract_prompt, source_tokens
+from .frontend import extract_prompt, prompt_audio, source_tokens
 from .loading import Loaded, load_release
 from .token2wav import Token2Wav
 
@@ -47,6 +61,17 @@ MODES = ("sft", "zero_shot", "cross_lingual", "instruct2", "vc")
 
 class ModeError(CosyVoiceError, ValueError):
     """A synthesis call is missing an input its mode needs, or names an unknown speaker."""
+
+
+def check_speed(speed) -> float:
+    """``speed`` must be a finite number > 0 (NaN/inf would only fail after the LM ran)."""
+    try:
+        v = float(speed)
+    except (TypeError, ValueError):
+        raise ConfigError(f"speed must be a number > 0, got {speed!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ConfigError(f"speed must be a finite number > 0 (1.0 = normal rate), got {speed!r}")
+    return v
 
 
 @dataclasses.dataclass
@@ -66,11 +91,11 @@ class SynthesisRequest:
 
     mode: str                      # sft | zero_shot | cross_lingual | instruct2 | vc
     text: str = ""
-    prompt_wav: Any = None         # path or 16 kHz array
+    prompt_wav: Any = None         # path, (array, sr), or a bare 16 kHz array (module docstring)
     prompt_text: str = ""
     instruct_text: str = ""
     spk_id: str = ""
-    source_wav: Any = None         # vc
+    source_wav: Any = None         # vc; same forms as prompt_wav
     speed: float = 1.0
     text_frontend: bool = True
     key: Any = None
@@ -146,10 +171,11 @@ class CosyVoice2:
         return list(self.spk2info)
 
     def add_zero_shot_spk(self, prompt_text: str, prompt_speech_16k, zero_shot_spk_id: str) -> bool:
-        """Extract a prompt once and keep it under ``zero_shot_spk_id`` (reuse with ``zero_shot_spk_id=``)."""
+        """Extract a prompt once and keep it under ``zero_shot_spk_id`` (reuse with ``zero_shot_spk_id=``).
+        ``prompt_speech_16k``: a path, ``(array, sr)`` or a bare 16 kHz array (module docstring)."""
         if not zero_shot_spk_id:
             raise ModeError("zero_shot_spk_id must be a non-empty name")
-        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
+        pf = extract_prompt(prompt_audio(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
         text = self.text.normalize(prompt_text, split=False)
         self.spk2info[zero_shot_spk_id] = {
             "prompt_text": np.asarray(self.text_tokenizer.encode(text), np.int32), **pf.to_dict()}
@@ -202,7 +228,7 @@ class CosyVoice2:
             return info, self._flow_from_info(info)
         if prompt_speech_16k is None:
             raise ModeError("this mode needs prompt audio (prompt_speech_16k / --prompt-wav) or a zero_shot_spk_id")
-        pf = extract_prompt(as_wav_16k(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
+        pf = extract_prompt(prompt_audio(prompt_speech_16k), self.speech_tokenizer, self.speaker_encoder)
         return pf.to_dict(), FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
 
     def _encode(self, text) -> Any:
@@ -214,8 +240,11 @@ class CosyVoice2:
         return ([i] for i in self.text.encode_stream(text))  # bistream: one id per piece, as the official
 
     def _segments(self, tts_text, text_frontend: bool) -> list:
-        if isinstance(tts_text, str) and not tts_text.strip():
-            raise TextError("tts_text is empty; give the text to synthesise")
+        if isinstance(tts_text, str) and is_blank(tts_text):
+            raise TextError("tts_text is empty (or only whitespace / zero-width characters); give the text to "
+                            "synthesise")
+        if isinstance(tts_text, str):
+            self.warn_byte_fallback(tts_text)
         if not isinstance(tts_text, (str, Iterator)):
             if isinstance(tts_text, Iterable):
                 tts_text = iter(tts_text)
@@ -225,6 +254,17 @@ class CosyVoice2:
         if not segs:
             raise TextError(f"tts_text {tts_text!r} has nothing to speak after normalisation (only punctuation?)")
         return segs
+
+    def warn_byte_fallback(self, text: str) -> list[str]:
+        """Warn (:class:`InputWarning`) about characters the tokenizer can only spell as raw bytes:
+        scripts the model was not trained on, private-use or zero-width characters. Returns them."""
+        chars = self.text_tokenizer.byte_fallback_chars(text)
+        if chars:
+            names = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:10]) + (" ..." if len(chars) > 10 else "")
+            warnings.warn(f"the text tokenizer knows {len(chars)} character(s) only as raw bytes: {names}; "
+                          "the model has hardly seen them and may mispronounce or skip them", InputWarning,
+                          stacklevel=4)
+        return chars
 
     # ------------------------------------------------------------------------------- core
     def _token_source(self, mi: ModelInput, key) -> Iterator[list[int]]:
@@ -253,8 +293,7 @@ class CosyVoice2:
         """One segment: LM (or the vc source tokens) -> flow -> HiFT; yields ``{'tts_speech': (1, N)}``."""
         key = self._key(key)
         k_lm, k_voc = jax.random.split(key)
-        if speed <= 0:
-            raise ConfigError(f"speed must be > 0, got {speed}")
+        check_speed(speed)
         if stream and speed != 1.0:
             raise ConfigError("speed change only works with stream=False (as the official); drop --speed or --stream")
         if stream:
@@ -273,12 +312,14 @@ class CosyVoice2:
         m = r.mode
         if m not in MODES:
             raise ModeError(f"unknown mode {m!r}; choose {', '.join(MODES)}")
+        check_speed(r.speed)
         none = np.zeros((0,), np.int32)
         if m == "vc":
             if r.source_wav is None or r.prompt_wav is None:
                 raise ModeError("vc needs both source_speech_16k (--source-wav) and prompt_speech_16k (--prompt-wav)")
-            src = source_tokens(as_wav_16k(r.source_wav, "source"), self.speech_tokenizer)
-            pf = extract_prompt(as_wav_16k(r.prompt_wav), self.speech_tokenizer, self.speaker_encoder, trim=False)
+            pa = prompt_audio(r.prompt_wav)  # prompt checks first: the source is the slow part
+            src = source_tokens(r.source_wav, self.speech_tokenizer)
+            pf = extract_prompt(pa, self.speech_tokenizer, self.speaker_encoder, trim=False)
             flow = FlowPrompt(pf.speech_token, pf.speech_feat, pf.embedding)
             return [ModelInput([], [], none, flow, source_speech=src)]
         if m == "instruct2" and (not isinstance(r.instruct_text, str) or not r.instruct_text.strip()):

@@ -37,6 +37,44 @@ def load_wav_official(inputs, path: str, target_sr: int):
     return {"wav": to_np(speech[0]), "sr": np.array(sr)}
 
 
+def load_wav_head(path: str, target_sr: int, min_sr: int = 16000):
+    """``cosyvoice/utils/file_utils.py:load_wav`` as at official git HEAD (github FunAudioLLM/CosyVoice;
+    the PyPI snapshot here predates it): ``torchaudio.load(wav, backend='soundfile')`` (read here with
+    soundfile directly, what that backend does: float32, channels first; torchaudio.load needs torchcodec
+    in this venv), mean over channels, ``torchaudio.transforms.Resample(file rate -> target_sr)``,
+    refusing rates below ``min_sr`` when resampling. Returns a (1, samples) tensor."""
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    speech = torch.from_numpy(data.T.copy()).mean(dim=0, keepdim=True)
+    if sr != target_sr:
+        assert sr >= min_sr, f"wav sample rate {sr} must be greater than {target_sr}"
+        speech = torchaudio.transforms.Resample(orig_freq=sr, new_freq=target_sr)(speech)
+    return speech
+
+
+def head_prompt_features(inputs, path: str):
+    """The features git HEAD's ``CosyVoiceFrontEnd`` computes from a prompt *file*
+    (cosyvoice/cli/frontend.py at HEAD): ``_extract_speech_feat`` = cosyvoice2.yaml feat_extractor
+    (matcha mel, fmax 8000) of ``load_wav(path, 24000)``; ``_extract_speech_token`` input =
+    ``whisper.log_mel_spectrogram(load_wav(path, 16000), n_mels=128)``; ``_extract_spk_embedding``
+    input = kaldi fbank of ``load_wav(path, 16000)`` minus its mean. Each load resamples from the
+    file's own rate. Returns ``mel`` (F, 80), ``whisper`` (F', 128), ``fbank`` (T, 80), ``wav16``, ``wav24``."""
+    import torchaudio.compliance.kaldi as kaldi
+    import whisper
+    from matcha.utils.audio import mel_spectrogram
+
+    speech16, speech24 = load_wav_head(path, 16000), load_wav_head(path, 24000)
+    mel = mel_spectrogram(speech24, n_fft=1920, num_mels=80, sampling_rate=24000, hop_size=480, win_size=1920,
+                          fmin=0, fmax=8000, center=False)
+    wmel = whisper.log_mel_spectrogram(speech16, n_mels=128)
+    fb = kaldi.fbank(speech16, num_mel_bins=80, dither=0, sample_frequency=16000)
+    return {"mel": to_np(mel[0].T), "whisper": to_np(wmel[0].T), "fbank": to_np(fb - fb.mean(dim=0, keepdim=True)),
+            "wav16": to_np(speech16[0]), "wav24": to_np(speech24[0])}
+
+
 def resample(inputs, orig_sr: int, new_sr: int):
     import torchaudio
 

@@ -425,6 +425,33 @@ def tts(inputs, model_dir: str, mode: str, tts_text: str = "", prompt_text: str 
     return res
 
 
+def head_prompt(inputs, model_dir: str, paths: list, trim: bool = True):
+    """The official git-HEAD front end's prompt part for prompt *files*, on a release directory.
+
+    HEAD (github FunAudioLLM/CosyVoice, cosyvoice/cli/frontend.py, ``frontend_zero_shot`` and
+    ``frontend_vc``) takes ``prompt_wav`` paths and calls ``_extract_speech_feat(prompt_wav)``,
+    ``_extract_speech_token(prompt_wav)`` and ``_extract_spk_embedding(prompt_wav)``, each of which
+    starts with ``load_wav(prompt_wav, 24000 / 16000 / 16000)`` (resampling from the file's own rate)
+    and then runs exactly the body the snapshot's ``_extract_*`` methods run on a loaded tensor. So:
+    HEAD's loader (``frontend.load_wav_head``) + the snapshot's ``_extract_*`` methods, then HEAD's
+    24 kHz trim ``n = min(frames // 2, tokens)`` when ``trim`` (zero_shot; vc does not trim).
+    Returns ``token{i}``, ``feat{i}`` (F, 80), ``embedding{i}`` (192,) per path."""
+    from frontend import load_wav_head
+
+    fe = _pipeline(model_dir).frontend
+    out = {}
+    for i, path in enumerate(paths):
+        speech_feat, _ = fe._extract_speech_feat(load_wav_head(path, 24000))
+        speech_token, _ = fe._extract_speech_token(load_wav_head(path, 16000))
+        if trim:
+            n = min(int(speech_feat.shape[1] / 2), speech_token.shape[1])
+            speech_feat, speech_token = speech_feat[:, :2 * n], speech_token[:, :n]
+        embedding = fe._extract_spk_embedding(load_wav_head(path, 16000))
+        out.update({f"token{i}": to_np(speech_token[0]).astype(np.int32), f"feat{i}": to_np(speech_feat[0]),
+                    f"embedding{i}": to_np(embedding[0])})
+    return out
+
+
 def frontend(inputs, model_dir: str, mode: str, tts_text: str = "", prompt_text: str = "", instruct_text: str = "",
              spk_id: str = "", text_frontend: bool = True):
     """The official frontend alone, as ``inference_<mode>`` calls it: ``pieces`` (normalized text
