@@ -27,8 +27,11 @@ def available_formats() -> list[str]:
 
 
 def pcm16(audio: np.ndarray) -> bytes:
-    a = np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
-    return (a * 32767.0).astype("<i2").tobytes()
+    """Raw 16-bit little-endian samples, converted by libsndfile as in the wav/flac files."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0), 24000, format="RAW",
+             subtype="PCM_16", endian="LITTLE")
+    return buf.getvalue()
 
 
 def encode(audio: np.ndarray, sample_rate: int, fmt: str) -> bytes:
