@@ -250,6 +250,14 @@ def cmd_serve(args) -> int:
 
     if not is_converted(args.model_dir):
         check_release_dir(args.model_dir)
+    if args.lm_cache <= 0 or args.lm_cache % 512:
+        raise CosyVoiceError(f"--lm-cache {args.lm_cache}: give a positive multiple of 512 (e.g. 2048)")
+    for name in ("slots", "max_queue", "max_streams"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CosyVoiceError(f"--{name.replace('_', '-')} {v}: give a positive number")
+    if not (args.timeout > 0 and args.stream_memory_mb > 0):
+        raise CosyVoiceError("--timeout and --stream-memory-mb must be positive")
     try:
         from .serve import serve
         import fastapi  # noqa: F401
