@@ -278,7 +278,7 @@ def cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, voices_dir=args.voices_dir,
           sampling="greedy" if args.greedy else "ras", quant=args.int8, streaming=streaming, engine_kw=engine_kw,
           warmup=not args.no_warmup, max_input_chars=args.max_input_chars, cache=not args.no_cache,
-          log_level=args.log_level, warmup_text=args.warmup_text)
+          log_level=args.log_level, warmup_text=args.warmup_text, bistream_max_tokens=args.bistream_max_tokens)
     return 0
 
 
@@ -303,6 +303,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--stream-hop-growth", type=int, default=2,
                    help="streaming hop growth factor (official HEAD 2; 1 = fixed 25-token hops)")
     p.add_argument("--max-input-chars", type=int, default=4096, help="longest accepted input text")
+    p.add_argument("--bistream-max-tokens", type=int, default=1500,
+                   help="cap on the speech tokens of one WebSocket bistream (default 1500 = 60 s of audio)")
     p.add_argument("--greedy", action="store_true", help="greedy LM decoding instead of RAS sampling")
     p.add_argument("--int8", action="store_true", help="int8 LM decode (faster on CPU)")
     p.add_argument("--no-warmup", action="store_true", help="ready at once (the first requests compile)")

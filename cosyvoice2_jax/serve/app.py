@@ -614,12 +614,13 @@ def create_app(server: Server) -> FastAPI:
 
 def build(model_dir: str | Path, *, voices_dir: str | Path | None = None, sampling: str = "ras", quant: bool = False,
           streaming=None, engine_kw: dict | None = None, warmup: bool = True, max_input_chars: int = 4096,
-          cache: bool = True, warmup_text: str = "Hi there.") -> FastAPI:
+          cache: bool = True, warmup_text: str = "Hi there.", bistream_max_tokens: int | None = 1500) -> FastAPI:
     """Load ``model_dir`` and return the app (uvicorn runs it; see :func:`cosyvoice2_jax.serve.serve`)."""
     from ..pipeline.loading import cache_root
     from ..pipeline.model import CosyVoice2
 
-    tts = CosyVoice2.from_pretrained(model_dir, cache=cache, sampling=sampling, quant=quant, streaming=streaming)
+    tts = CosyVoice2.from_pretrained(model_dir, cache=cache, sampling=sampling, quant=quant, streaming=streaming,
+                                     bistream_max_tokens=bistream_max_tokens)
     if voices_dir is None:
         voices_dir = cache_root() / "voices" / Path(model_dir).resolve().name
     server = Server(tts, voices_dir=voices_dir, engine_kw=engine_kw, warmup=warmup, max_input_chars=max_input_chars,

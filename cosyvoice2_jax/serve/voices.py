@@ -84,14 +84,19 @@ class VoiceStore:
     def add(self, name: str, transcript: str, wav_path: str | Path, overwrite: bool = False) -> dict:
         """Extract the prompt features of ``wav_path`` once and persist them under ``name``."""
         self.check_name(name)
+        transcript = transcript or ""
         with self._lock:
             if name in self.builtin:
                 raise VoiceExists(f"voice {name!r} is a built-in speaker of the release; choose another name")
             if name in self.meta and not overwrite:
                 raise VoiceExists(f"voice {name!r} exists; DELETE it first or pass overwrite=true")
             tmp_name = f"\x00tmp-{name}"
-            self.tts.add_zero_shot_spk(transcript or "", str(wav_path), tmp_name)
+            # the pipeline's own extraction (front end, speech tokens, prompt mel, x-vector); without a
+            # transcript the voice serves cross_lingual / instruct2 only, which never read its prompt text
+            self.tts.add_zero_shot_spk(transcript if transcript.strip() else "x", str(wav_path), tmp_name)
             info = self.tts.spk2info.pop(tmp_name)
+            if not transcript.strip():
+                info["prompt_text"] = np.zeros((0,), np.int32)
             created = time.time()
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".npz.partial", dir=self.dir)
             try:
