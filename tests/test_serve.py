@@ -106,7 +106,8 @@ def quick(env):
 
 @pytest.fixture(scope="module")
 def server(env):
-    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT)
+    # streaming flow-cache budget of one stream (a tiny stream holds ~39 MB): the second waits
+    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "60")
     yield s
     s.stop()
 
@@ -316,6 +317,32 @@ def test_cancellation_frees_the_slot(client, server):
     assert h["active_slots"] == 0 and h["active_streams"] == 0, h
     assert _metric(client, "cosyvoice2_errors_total", 'kind="Cancelled"') >= 1
     assert _speech(client, response_format="pcm").status_code == 200
+
+
+@pytest.mark.slow
+def test_stream_memory_budget(client):
+    """Past the streaming flow-cache budget a stream waits for the running one to end (and a
+    non-streaming request is not held up by it); both finish with their full audio."""
+    h = client.get("/healthz").json()
+    assert h["max_streams"] == 1 and 60 * 2**20 // 2 < h["per_stream_bytes"] <= 60 * 2**20
+
+    def stream(seed):
+        t = {}
+        with client.stream("POST", "/v1/audio/speech", json={"input": TEXT, "voice": "英文男", "seed": seed,
+                                                             "response_format": "pcm", "stream": True}) as r:
+            n = 0
+            for chunk in r.iter_bytes():
+                if chunk and "first" not in t:
+                    t["first"] = time.perf_counter()
+                n += len(chunk)
+        t["end"], t["n"], t["status"] = time.perf_counter(), n, r.status_code
+        return t
+
+    with cf.ThreadPoolExecutor(2) as ex:
+        a, b = ex.map(stream, (21, 22))
+    assert a["status"] == b["status"] == 200 and a["n"] == b["n"] > 0
+    first, second = sorted((a, b), key=lambda t: t["first"])
+    assert second["first"] >= first["end"] - 0.05, (first, second)  # never two flow caches at once
 
 
 @pytest.mark.slow
