@@ -17,6 +17,10 @@ cache of ``cache_bucket`` multiples, so new requests of similar size reuse the c
 functions. Rows are right-padded; attention masks by position, so padding never changes a row.
 The cache holds the slot of every position (``slot == position``), written per row.
 
+Serving (continuous batching, ``cosyvoice2_jax.serve.engine``) uses the slot API of the same
+generator: ``slots_init`` (a fixed batch of free rows), ``slot_insert`` (prefill one request alone and
+place it in a row), ``slots_step`` (one decode call of all rows), ``slot_free`` (cancel a row).
+
 Shapes: B rows, Lb text bucket, Pb prompt-speech bucket, T = Lb + Pb + 2, S cache slots,
 V speech vocabulary (6564), D model dim, W RAS window.
 """
