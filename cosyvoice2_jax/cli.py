@@ -299,6 +299,77 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .pipeline.loading import is_converted
+    from .pipeline.release import check_release_dir
+
+    if not is_converted(args.model_dir):
+        check_release_dir(args.model_dir)
+    if args.lm_cache <= 0 or args.lm_cache % 512:
+        raise CosyVoiceError(f"--lm-cache {args.lm_cache}: give a positive multiple of 512 (e.g. 2048)")
+    for name in ("slots", "max_queue", "max_streams"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise CosyVoiceError(f"--{name.replace('_', '-')} {v}: give a positive number")
+    if not (args.timeout > 0 and args.stream_memory_mb > 0):
+        raise CosyVoiceError("--timeout and --stream-memory-mb must be positive")
+    try:
+        from .serve import serve
+        import fastapi  # noqa: F401
+    except ImportError as e:
+        raise CosyVoiceError(f"the server needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
+    if not args.no_cache:
+        import jax
+
+        from .pipeline.loading import cache_root
+
+        jax.config.update("jax_compilation_cache_dir", str(args.xla_cache or cache_root() / "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    from .config import StreamingConfig
+
+    streaming = StreamingConfig(stream_scale_factor=args.stream_hop_growth)
+    engine_kw = dict(rows=args.slots, cache_slots=args.lm_cache, max_queue=args.max_queue, timeout_s=args.timeout,
+                     stream_budget_bytes=int(args.stream_memory_mb * 2**20), max_streams=args.max_streams)
+    serve(args.model_dir, host=args.host, port=args.port, voices_dir=args.voices_dir,
+          sampling="greedy" if args.greedy else "ras", quant=args.int8, streaming=streaming, engine_kw=engine_kw,
+          warmup=not args.no_warmup, max_input_chars=args.max_input_chars, cache=not args.no_cache,
+          log_level=args.log_level, warmup_text=args.warmup_text, bistream_max_tokens=args.bistream_max_tokens)
+    return 0
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the speech server (OpenAI-compatible HTTP, WebSocket bistream)",
+                       description="Serve a release or converted directory over HTTP (needs the serve extra). "
+                                   "POST /v1/audio/speech, /v1/audio/voices, WS /v1/audio/speech/stream, "
+                                   "/healthz, /metrics; see README 'Speech server'.")
+    p.add_argument("--model-dir", type=Path, required=True, help="release or converted directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--voices-dir", type=Path,
+                   help="where registered voices persist (default ~/.cache/cosyvoice2_jax/voices/<model>)")
+    p.add_argument("--slots", type=int, default=8, help="LM requests decoded together (default 8)")
+    p.add_argument("--lm-cache", type=int, default=2048,
+                   help="KV-cache positions per slot, a multiple of 512 (default 2048)")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for a slot before 429")
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
+    p.add_argument("--stream-memory-mb", type=float, default=4096.0,
+                   help="memory budget of the streaming flow caches; streams past it wait (default 4096)")
+    p.add_argument("--max-streams", type=int, help="concurrent streams (overrides --stream-memory-mb)")
+    p.add_argument("--stream-hop-growth", type=int, default=2,
+                   help="streaming hop growth factor (official HEAD 2; 1 = fixed 25-token hops)")
+    p.add_argument("--max-input-chars", type=int, default=4096, help="longest accepted input text")
+    p.add_argument("--bistream-max-tokens", type=int, default=1500,
+                   help="cap on the speech tokens of one WebSocket bistream (default 1500 = 60 s of audio)")
+    p.add_argument("--greedy", action="store_true", help="greedy LM decoding instead of RAS sampling")
+    p.add_argument("--int8", action="store_true", help="int8 LM decode (faster on CPU)")
+    p.add_argument("--no-warmup", action="store_true", help="ready at once (the first requests compile)")
+    p.add_argument("--warmup-text", default="Hi there.", help="text whose shapes the warm-up compiles")
+    p.add_argument("--xla-cache", type=Path, help="persistent XLA compilation cache (default in the cache dir)")
+    p.add_argument("--no-cache", action="store_true", help="no converted-model or compilation cache")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cosyvoice2-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -342,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not read or write the caches (converted model, compiled XLA programs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_synth)
+
+    _serve_parser(sub)
 
     p = sub.add_parser("convert", help="convert a release directory to a converted (Orbax) directory")
     p.add_argument("model_dir", type=Path, help="the CosyVoice2-0.5B release directory")

@@ -136,3 +136,39 @@ def test_scan_layers_generation_equals_unrolled(params, greedy):
                           steps_per_call=16)
     req = _req(np.random.default_rng(19), 3, 2, 4, max_len=24)
     assert gen_s.generate([req]) == greedy.generate([req])
+
+
+def test_slots_continuous_batching_equals_generate(params):
+    """Slot API (serving engine): requests joining and leaving a fixed-shape batch between decode
+    calls get the tokens ``generate`` gives them alone (RAS, per-request keys); one compiled shape."""
+    rng = np.random.default_rng(11)
+    reqs = [_req(rng, 3, 2, 5, max_len=30), _req(rng, 6, 0, 11, max_len=50), _req(rng, 2, 4, 0),
+            _req(rng, 4, 1, 7, max_len=20), _req(rng, 5, 3, 2, max_len=25)]
+    keys = jax.random.split(jax.random.PRNGKey(8), len(reqs))
+    ras = G.LMGenerator(CFG, params, sampling="ras", steps_per_call=4)
+    singles = [ras.generate([r], keys[i:i + 1])[0] for i, r in enumerate(reqs)]
+    st = ras.slots_init(2, 512)
+    out: dict[int, list[int]] = {}
+    rows: list = [None, None]
+    todo = list(range(len(reqs)))
+    while todo or any(r is not None for r in rows):
+        for r in range(2):  # join between decode calls
+            if rows[r] is None and todo:
+                i = todo.pop(0)
+                st = ras.slot_insert(st, r, reqs[i], keys[i])
+                rows[r], out[i] = i, []
+        st, toks, done = ras.slots_step(st)
+        for r in range(2):
+            if rows[r] is not None:
+                out[rows[r]].extend(int(t) for t in toks[r] if t >= 0)
+                if done[r]:
+                    rows[r] = None
+    assert [out[i] for i in range(len(reqs))] == singles
+    assert ras.compile_counts()["decode"] == 2  # generate's cache size + the slot batch
+    # a cancelled request leaves its slot: the row is finished at once and emits nothing more
+    st = ras.slot_insert(st, 0, reqs[1], keys[1])
+    st = ras.slot_free(st, 0)
+    st, toks, done = ras.slots_step(st)
+    assert done[0] and (toks[0] < 0).all()
+    with pytest.raises(G.GenerationError, match="cache positions"):
+        ras.slot_insert(st, 1, _req(rng, 30, 0, 0), keys[0])

@@ -17,6 +17,10 @@ cache of ``cache_bucket`` multiples, so new requests of similar size reuse the c
 functions. Rows are right-padded; attention masks by position, so padding never changes a row.
 The cache holds the slot of every position (``slot == position``), written per row.
 
+Serving (continuous batching, ``cosyvoice2_jax.serve.engine``) uses the slot API of the same
+generator: ``slots_init`` (a fixed batch of free rows), ``slot_insert`` (prefill one request alone and
+place it in a row), ``slots_step`` (one decode call of all rows), ``slot_free`` (cancel a row).
+
 Shapes: B rows, Lb text bucket, Pb prompt-speech bucket, T = Lb + Pb + 2, S cache slots,
 V speech vocabulary (6564), D model dim, W RAS window.
 """
@@ -268,7 +272,68 @@ class LMGenerator:
         return out
 
     def compile_counts(self) -> dict[str, int]:
-        return {"prefill": self.prefill._cache_size(), "decode": self.decode._cache_size()}
+        out = {"prefill": self.prefill._cache_size(), "decode": self.decode._cache_size()}
+        if hasattr(self, "_slot_insert"):
+            out["slot_insert"] = self._slot_insert._cache_size()
+        return out
+
+    # ------------------------------------------------------------------ slot API (continuous batching)
+    # A fixed number of rows ("slots") decode together in one compiled shape; requests join and leave
+    # between decode calls (as JetStream's slots). A free slot is a finished row (``done``), so it
+    # emits nothing. Each row keeps its own cache position and PRNG key, so a request's tokens do not
+    # depend on which other requests share the batch.
+    def slots_init(self, num_rows: int, num_slots: int) -> DecodeState:
+        """An all-free slot batch: ``num_rows`` rows, ``num_slots`` cache positions per row."""
+        if num_slots % self.cache_bucket:
+            raise GenerationError(f"num_slots={num_slots} must be a multiple of cache_bucket={self.cache_bucket}")
+        dummy = [Request(text=[0], min_len=0, max_len=0)] * num_rows
+        _, args = self._pack(dummy, jnp.zeros((num_rows, 2), jnp.uint32))
+        if not hasattr(self, "_slot_insert"):
+            self._slot_insert = jax.jit(self._slot_insert_impl, donate_argnums=(0,))
+        return self.prefill(num_slots, self.params, *args)
+
+    def slot_fits(self, request: Request) -> int:
+        """Cache positions ``request`` needs (prompt + text + max_len speech tokens)."""
+        c = self.cfg
+        max_len = request.max_len if request.max_len is not None else int(len(request.text) * c.max_token_text_ratio)
+        n = len(request.prompt_text) + len(request.text) + len(request.prompt_speech) + 2
+        return n + max_len
+
+    def slot_insert(self, state: DecodeState, row: int, request: Request, key=None) -> DecodeState:
+        """Prefill ``request`` alone (bucketed shapes) and place it in row ``row`` of ``state``
+        (the previous occupant is dropped). ``key``: the request's PRNG key (RAS)."""
+        num_slots = jax.tree.leaves(state.cache_k)[0].shape[-3]
+        need = self.slot_fits(request)
+        if need > num_slots:
+            raise GenerationError(f"request needs {need} cache positions but a slot has {num_slots}: "
+                                  "shorten the text or prompt (or raise the slot cache size)")
+        keys = None if key is None else jnp.asarray(key).reshape(1, 2)
+        _, args = self._pack([request], keys)
+        one = self.prefill(num_slots, self.params, *args)
+        return self._slot_insert(state, one, jnp.int32(row))
+
+    def slot_free(self, state: DecodeState, row: int) -> DecodeState:
+        """Mark row ``row`` finished (a cancelled request leaves its slot at the next decode call)."""
+        return state._replace(done=state.done.at[row].set(True))
+
+    def slots_step(self, state: DecodeState) -> tuple[DecodeState, np.ndarray, np.ndarray]:
+        """One jitted decode call (``steps_per_call`` steps) of every row -> (state, new tokens
+        (rows, steps) with -1 where nothing was emitted, done (rows,))."""
+        state, toks = self.decode(self.steps_per_call, self.params, state)
+        return state, np.asarray(toks), np.asarray(state.done)
+
+    def _slot_insert_impl(self, state: DecodeState, one: DecodeState, row):
+        def put(axis):
+            return lambda big, small: jax.lax.dynamic_update_index_in_dim(
+                big, jax.lax.index_in_dim(small, 0, axis, keepdims=False).astype(big.dtype), row, axis)
+
+        cache_axis = 1 if self.cfg.scan_layers else 0
+        fields = {}
+        for name in DecodeState._fields:
+            big, small = getattr(state, name), getattr(one, name)
+            axis = cache_axis if name in ("cache_k", "cache_v") else 0
+            fields[name] = jax.tree.map(put(axis), big, small)
+        return DecodeState(**fields)
 
 
 # ----------------------------------------------------------------------------------- bistream
