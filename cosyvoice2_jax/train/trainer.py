@@ -14,6 +14,13 @@ are returned in fp32 and the optimizer (clip, Adam) runs in fp32.
 Objectives with several optimizers (the HiFT GAN) provide ``init_train(cfg, mesh) -> (state,
 shardings, step_fn)`` and the loop uses theirs (see :mod:`cosyvoice2_jax.train.hift`).
 
+Multi-process (pod) runs: every process runs this same loop on its share of the data (see
+:mod:`cosyvoice2_jax.train.distributed`); batches become global arrays through
+``jax.make_array_from_process_local_data``, every process writes its own shards of each Orbax
+checkpoint, the data-iterator states of all processes are saved together (one entry per process
+index), and metrics, TensorBoard events and the progress bar come from process 0 only. Held-out
+metrics are computed on global batches, so they are reduced over all processes.
+
 Determinism: the step's PRNG key is ``fold_in(seed_key, step)``, and the data order is a function
 of (seed, epoch, position), so a run resumed from a checkpoint reproduces the uninterrupted run
 exactly.
@@ -32,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from . import distributed as DIST
 from . import mesh as M
 from .checkpoint import Checkpointer
 from .optim import OptimConfig, make_optimizer
@@ -191,12 +199,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, shar
     jitted = {}
 
     def run(state, batch):
+        batch = DIST.global_batch(batch, mesh)  # this process's rows -> global arrays
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in jitted:
             in_b = {k: batch_shard(v) for k, v in batch.items()}
             jitted[key] = jax.jit(step, in_shardings=(shardings, in_b), out_shardings=(shardings, M.replicated(mesh)),
                                   donate_argnums=(0,) if donate else ())
-        return jitted[key](state, M.shard_batch(batch, mesh))
+        return jitted[key](state, batch)
 
     run.compiled = jitted  # exposed for compile-count tests
     run.step = step  # the unjitted step (tests inspect its jaxpr)
@@ -236,6 +245,8 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     """
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    main = DIST.is_main()
+    DIST.check_mesh(cfg.mesh)
     mesh = M.make_mesh(cfg.mesh)
     if hasattr(objective, "init_train"):  # several optimizers (HiFT GAN): the objective builds them
         state, shardings, step_fn = objective.init_train(cfg, mesh)
@@ -246,15 +257,15 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_save)
     if ckpt.latest_step() is not None:
         state, _, _ = ckpt.restore(None, state, shardings)
-    writer = MetricsWriter(workdir / "tb")
+    writer = MetricsWriter(workdir / "tb" if main else None)
     start = int(state["step"])
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=objective.name, dynamic_ncols=True)
     t0, done = time.time(), 0
-    with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log:
+    with open(workdir / "metrics.jsonl", "a", encoding="utf-8") if main else _NullLog() as log:
         while int(state["step"]) < cfg.steps:
             batch = next(data)
             state, metrics = step_fn(state, batch)
@@ -269,9 +280,9 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
             if bar is not None:
                 bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                ckpt.save(step, state, data_state=data.state(), meta={"objective": objective.name})
+                ckpt.save(step, state, data_state=gather_data_state(data.state()), meta={"objective": objective.name})
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                ev = evaluate(objective, state["params"], eval_data())
+                ev = evaluate(objective, state["params"], eval_data(), mesh=mesh)
                 writer.write(step, ev, prefix="eval")
             done += 1
             if stop_after is not None and done >= stop_after:
@@ -283,8 +294,52 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     return {"state": state, "history": writer.history, "steps_per_s": done / max(time.time() - t0, 1e-9)}
 
 
+class _NullLog:
+    """Stands in for metrics.jsonl on processes other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _):
+        pass
+
+    def flush(self):
+        pass
+
+
+def gather_data_state(state: dict) -> dict:
+    """This process's data state plus, in a multi-process run, every process's (``"processes"``:
+    one entry per process index), as saved with a checkpoint."""
+    if jax.process_count() == 1:
+        return state
+    return dict(state, processes=DIST.allgather_json(state))
+
+
+def data_state_for_process(saved: dict, process_index: int | None = None, process_count: int | None = None) -> dict:
+    """The entry of a saved data state that process ``process_index`` of ``process_count`` resumes
+    from. All processes of a run advance through their (equal-length) plans in lockstep, so their
+    positions agree and a checkpoint written by N processes also resumes on M != N processes."""
+    from ..errors import ConfigError
+
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    per = saved.get("processes")
+    if not per:
+        return saved
+    if len(per) == n:
+        return per[p]
+    positions = {json.dumps(s, sort_keys=True) for s in per}
+    if len(positions) != 1:
+        raise ConfigError(f"the checkpoint was written by {len(per)} processes at different data positions and "
+                          f"cannot resume on {n}; resume with {len(per)} processes")
+    return per[0]
+
+
 def resume_data_state(workdir: str | Path) -> dict | None:
-    """The data-iterator state saved with the latest checkpoint in ``workdir`` (or None)."""
+    """This process's data-iterator state saved with the latest checkpoint in ``workdir`` (or None)."""
     ckdir = Path(workdir) / "checkpoints"
     if not ckdir.exists():
         return None
@@ -296,17 +351,22 @@ def resume_data_state(workdir: str | Path) -> dict | None:
         import orbax.checkpoint as ocp
 
         out = ck.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-        return dict(out["data"] or {})
+        return data_state_for_process(dict(out["data"] or {}))
     finally:
         ck.close()
 
 
-def evaluate(objective: Objective, params: Any, batches: Iterator[dict]) -> dict:
-    """Mean of the objective's metrics over held-out batches (no PRNG-dependent dropout)."""
+def evaluate(objective: Objective, params: Any, batches: Iterator[dict], mesh: M.Mesh | None = None) -> dict:
+    """Mean of the objective's metrics over held-out batches (no PRNG-dependent dropout).
+
+    With ``mesh``, each batch holds this process's rows and is assembled into a global batch, so
+    every process gets the metrics of the whole batch (reduced over processes)."""
     fn = jax.jit(lambda p, b: objective.loss_fn(p, b, jax.random.key(0)))
     sums: dict[str, float] = {}
     n = 0
     for b in batches:
+        if mesh is not None and jax.process_count() > 1:
+            b = DIST.global_batch(b, mesh)
         loss, m = fn(params, b)
         m = dict(m, loss=loss)
         for k, v in m.items():
