@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     from .train.distributed import initialize
     from .train.run import run
 
-    initialize(args.coordinator, args.num_processes, args.process_id)  # multi-process runs only
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # multi-process only
     out = run(args.config, args.overrides, progress=not args.no_progress)
     hist = [h for h in out["history"] if h.get("split") == "train"]
     if hist and jax_process_index() == 0:
@@ -334,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed coordinator)")
     g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
     g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run whose coordinator jax discovers (TPU pod slice, SLURM, Open MPI)")
     p.set_defaults(func=cmd_train)
     return parser
 

@@ -149,11 +149,10 @@ def _config(root: Path, lst, tok, objective: str) -> Path:
     spec = {"objective": objective, "model": "tiny", "tokenizer_dir": str(tok) if objective == "lm" else "",
             "eval_data_list": str(lst),
             "data": {"data_list": str(lst), "max_frames_in_batch": 900, "token_buckets": [150],
-                     "text_buckets": [32, 64], "batch_multiple": 8, "sort_window": 8, "num_threads": 1,
+                     "text_buckets": [32, 64], "sort_window": 8, "num_threads": 1,
                      "min_length": 50, "need_mel": objective == "flow"},
             "train": {"steps": STEPS, "save_every": SAVE_EVERY, "eval_every": 10, "log_every": 1,
-                      "async_save": False, "keep": 10, "mesh": {"data": -1, "fsdp": 2, "tensor": 1},
-                      "optim": {"lr": 2e-3}}}
+                      "async_save": False, "keep": 10, "optim": {"lr": 2e-3}}}
     path = root / f"{objective}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -165,6 +164,7 @@ def _launch(config: Path, workdir: Path, nproc: int, log: Path) -> list[subproce
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // nproc}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
     base = [sys.executable, "-m", "cosyvoice2_jax.cli", "train", "--config", str(config), "--no-progress",
+            "--set", "data.batch_multiple=8", "--set", "train.mesh.data=-1", "--set", "train.mesh.fsdp=2",
             "--set", f"train.workdir={workdir}"]
     port = _free_port()
     procs = []

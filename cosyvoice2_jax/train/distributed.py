@@ -34,12 +34,13 @@ from . import mesh as M
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
+               process_id: int | None = None, auto: bool = False) -> None:
     """Join a multi-process run (call before anything touches the devices).
 
     Explicit: all three arguments (``--coordinator HOST:PORT --num-processes N --process-id I``).
-    Implicit (no arguments): on TPU pod workers and SLURM / Open MPI launches jax discovers them;
-    otherwise this is a single-process run and nothing happens.
+    ``auto`` (``--distributed``): ``jax.distributed.initialize()`` discovers them (TPU pod slices,
+    SLURM, Open MPI). Neither: a multi-process launch is still recognised from SLURM / Open MPI /
+    ``JAX_COORDINATOR_ADDRESS`` variables; otherwise this is a single-process run.
     """
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
@@ -53,7 +54,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             return
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     else:
-        if not M._looks_multihost():
+        if not (auto or M._looks_multihost()):
             return
         kwargs = {}
     # CPU devices exchange data through gloo (no-op for TPU/GPU computations)

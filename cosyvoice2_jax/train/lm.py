@@ -49,9 +49,10 @@ class LMObjective:
     cfg: LMConfig
     bistream_prob: float = 0.5
     name: str = "lm"
+    remat: str = "none"  # per-decoder-layer remat policy (layers/remat.py; TrainConfig.remat)
 
     def __post_init__(self):
-        self.model = Qwen2LM(self.cfg)
+        self.model = Qwen2LM(self.cfg, remat=self.remat)
 
     def init_params(self, rng):
         x = jnp.zeros((1, 4, self.cfg.qwen.hidden_size), jnp.float32)
@@ -99,9 +100,10 @@ class DPOObjective:
     bistream_prob: float = 0.5
     init_from: object = None  # policy params to start from (and copy into the reference)
     name: str = "dpo"
+    remat: str = "none"  # per-decoder-layer remat policy (layers/remat.py; TrainConfig.remat)
 
     def __post_init__(self):
-        self.model = Qwen2LM(self.cfg)
+        self.model = Qwen2LM(self.cfg, remat=self.remat)
 
     def init_params(self, rng):
         if self.init_from is not None:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
+from ..layers.remat import check_remat
 from . import data as D
 from . import distributed as DIST
 from . import mesh as M
@@ -88,6 +89,10 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
         raise ConfigError("train.precision=bf16 is not supported for the flow yet (its modules ignore "
                           "FlowConfig.dtype); use precision: fp32")
     cfg = TR.precision_model_config(cfg, tf.train.precision)
+    check_remat(tf.train.remat)
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo"):
+        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
+                          f"use remat: none for {tf.objective}")
     if tf.objective == "hift":
         from .hift import HiFTGANObjective
 
@@ -95,11 +100,11 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     if tf.objective == "lm":
         from .lm import LMObjective
 
-        obj = LMObjective(cfg.lm)
+        obj = LMObjective(cfg.lm, remat=tf.train.remat)
     elif tf.objective == "dpo":
         from .lm import DPOObjective
 
-        return DPOObjective(cfg.lm, init_from=init)
+        return DPOObjective(cfg.lm, init_from=init, remat=tf.train.remat)
     else:
         from .flow import FlowObjective
 

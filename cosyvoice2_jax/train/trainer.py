@@ -69,10 +69,10 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     optim_d: OptimConfig = OptimConfig()  # the discriminator's optimizer (HiFT GAN only)
     precision: str = "fp32"  # fp32 | bf16 (compute dtype; params and optimizer state stay fp32)
+    remat: str = "none"  # LM/DPO: per-decoder-layer remat policy, none|full|dots|dots_no_batch (layers/remat.py)
 
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-
 
 def _check_precision(precision: str):
     if precision not in PRECISIONS:
@@ -124,8 +124,7 @@ def with_trainable_mask(objective, tx: optax.GradientTransformation) -> optax.Gr
                                  lambda p: jax.tree.map(lambda t: "train" if t else "frozen", objective.trainable(p)))
 
 
-def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int):
-    """Initialise ``{"params", "opt_state", "step"}`` directly sharded on ``mesh``."""
+def _state_init(objective: Objective, tx: optax.GradientTransformation, seed: int) -> Callable:
     key = jax.random.key(seed)
 
     def init():
@@ -133,12 +132,25 @@ def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.M
         params = nn.meta.unbox(boxed)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    abstract = jax.eval_shape(init)
+    return init
+
+
+def abstract_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int = 0):
+    """``(abstract, shardings)``: shapes/dtypes of ``{"params", "opt_state", "step"}`` (no
+    allocation) and their NamedShardings on ``mesh``; compile a step without executing it
+    (``scripts/bench_train.py scale``)."""
+    key = jax.random.key(seed)
+    abstract = jax.eval_shape(_state_init(objective, tx, seed))
     boxed_abs = jax.eval_shape(lambda: objective.init_params(key))
     logical = nn.get_partition_spec(boxed_abs)
     pshard = M.param_shardings(abstract["params"], mesh, _logical_tree(logical))
-    shardings = state_shardings(abstract, pshard, mesh)
-    state = jax.jit(init, out_shardings=shardings)()
+    return abstract, state_shardings(abstract, pshard, mesh)
+
+
+def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int):
+    """Initialise ``{"params", "opt_state", "step"}`` directly sharded on ``mesh``."""
+    _, shardings = abstract_state(objective, tx, mesh, seed)
+    state = jax.jit(_state_init(objective, tx, seed), out_shardings=shardings)()
     return state, shardings
 
 
