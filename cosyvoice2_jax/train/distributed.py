@@ -39,8 +39,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Explicit: all three arguments (``--coordinator HOST:PORT --num-processes N --process-id I``).
     ``auto`` (``--distributed``): ``jax.distributed.initialize()`` discovers them (TPU pod slices,
-    SLURM, Open MPI). Neither: a multi-process launch is still recognised from SLURM / Open MPI /
-    ``JAX_COORDINATOR_ADDRESS`` variables; otherwise this is a single-process run.
+    SLURM, Open MPI). Neither: a single-process run (even inside a SLURM allocation, so that a
+    command typed in an ``salloc`` shell does not wait for processes that were never started).
     """
     given = [coordinator_address is not None, num_processes is not None, process_id is not None]
     if any(given) and not all(given):
@@ -54,7 +54,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             return
         kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
     else:
-        if not (auto or M._looks_multihost()):
+        if not auto:
             return
         kwargs = {}
     # CPU devices exchange data through gloo (no-op for TPU/GPU computations)
