@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -73,6 +74,7 @@ class TrainConfig:
 
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
 
 def _check_precision(precision: str):
     if precision not in PRECISIONS:
@@ -277,7 +279,8 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
 
         bar = tqdm(total=cfg.steps, initial=start, desc=objective.name, dynamic_ncols=True)
     t0, done = time.time(), 0
-    with open(workdir / "metrics.jsonl", "a", encoding="utf-8") if main else _NullLog() as log:
+    # metrics.jsonl is written by process 0 alone
+    with open(workdir / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8") as log:
         while int(state["step"]) < cfg.steps:
             batch = next(data)
             state, metrics = step_fn(state, batch)
@@ -304,22 +307,6 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     if bar is not None:
         bar.close()
     return {"state": state, "history": writer.history, "steps_per_s": done / max(time.time() - t0, 1e-9)}
-
-
-class _NullLog:
-    """Stands in for metrics.jsonl on processes other than 0."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def write(self, _):
-        pass
-
-    def flush(self):
-        pass
 
 
 def gather_data_state(state: dict) -> dict:
