@@ -100,12 +100,20 @@ def cmd_normalize(args) -> int:
     return 0
 
 
+def jax_process_index() -> int:
+    import jax
+
+    return jax.process_index()
+
+
 def cmd_train(args) -> int:
+    from .train.distributed import initialize
     from .train.run import run
 
+    initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # multi-process only
     out = run(args.config, args.overrides, progress=not args.no_progress)
     hist = [h for h in out["history"] if h.get("split") == "train"]
-    if hist:
+    if hist and jax_process_index() == 0:
         print(f"step {hist[-1]['step']}: loss {hist[-1]['loss']:.4f} ({out['steps_per_s']:.2f} steps/s)")
     return 0
 
@@ -454,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a value, e.g. --set train.steps=100 --set data.data_list=... (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("multi-process (pod) runs", "run the same command in every process; on TPU pods "
+                             "and SLURM/Open MPI launches these are detected and may be left out")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (jax.distributed coordinator)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run whose coordinator jax discovers (TPU pod slice, SLURM, Open MPI)")
     p.set_defaults(func=cmd_train)
     return parser
 

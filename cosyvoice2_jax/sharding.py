@@ -22,10 +22,12 @@ Multi-host: call :func:`initialize_distributed` first on every host (it wraps
 discovered automatically), then build the same mesh everywhere::
 
     # GPU cluster, one process per host (SLURM sets the coordinator environment):
-    srun --nodes=4 --ntasks-per-node=1 cosyvoice2-jax train --config configs/train/lm.yaml \\
-        --set mesh.data=4 --set mesh.fsdp=8
+    srun --nodes=4 --ntasks-per-node=1 cosyvoice2-jax train --config configs/train/lm.yaml --distributed \\
+        --set train.mesh.data=4 --set train.mesh.fsdp=8
     # TPU pod slice (v5e-64): run the same command on every worker
-    gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cosyvoice2-jax train ..."
+    gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cosyvoice2-jax train --distributed ..."
+
+(the CLI calls :func:`cosyvoice2_jax.train.distributed.initialize`; see the README's pod section).
 """
 from __future__ import annotations
 

@@ -9,6 +9,12 @@ separately) and reports the median step time of ``--repeats`` timed steps after 
 ``--hift-disc small`` (one period + one spectrogram discriminator, as the tests; default) or
 ``full`` (the official 5 + 3 sub-discriminators: slow to compile on CPU), 8 crops of 24480 (+480)
 samples; ``--only hift`` runs just that objective.
+``scale`` compiles (never runs) one train step of the LM or the flow for a mesh of ``--chips``
+simulated devices and a global batch, and reports the per-device FLOPs of the partitioned program
+(XLA cost analysis), its compiled memory per device, and from those the step time at the peak of a
+named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation::
+
+  python scripts/bench_train.py scale --objective lm --chips 64 --mesh -1 8 1 --rows-per-shard 4
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -22,9 +28,10 @@ import statistics
 import sys
 import time
 
-if "speed" in sys.argv and "--devices" in sys.argv:
-    n = sys.argv[sys.argv.index("--devices") + 1]
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+for _mode, _flag in (("speed", "--devices"), ("scale", "--chips")):
+    if _mode in sys.argv and _flag in sys.argv:
+        n = sys.argv[sys.argv.index(_flag) + 1]
+        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -152,6 +159,70 @@ def memory(args):
                       "scan_layers": cfg.scan_layers, "results": res}, indent=2))
 
 
+# dense peak FLOP/s per chip (vendor data sheets) and memory per chip. "fp32": what an fp32 matmul
+# runs at under JAX's default precision (TPU: one bf16 MXU pass; H100/H200: TF32 tensor cores).
+PEAK = {
+    "tpu-v5e": {"bf16": 197e12, "fp32": 197e12, "hbm_gib": 16},
+    "tpu-v5p": {"bf16": 459e12, "fp32": 459e12, "hbm_gib": 95},
+    "h100-sxm": {"bf16": 989e12, "fp32": 494e12, "hbm_gib": 80},
+    "h200": {"bf16": 989e12, "fp32": 494e12, "hbm_gib": 141},
+}
+
+
+def scale(args):
+    import flax.linen as nn  # noqa: F401  (abstract_state reads logical partitioning metadata)
+
+    from cosyvoice2_jax.train.flow import FlowObjective
+    from cosyvoice2_jax.train.lm import LMObjective
+
+    cfg = ModelConfig.cosyvoice2() if args.model == "full" else ModelConfig.tiny()
+    cfg = TR.precision_model_config(cfg, args.precision)
+    mesh = M.make_mesh(M.MeshConfig(*args.mesh))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    rows = args.rows_per_shard * shards
+    if args.objective == "lm":
+        obj, batch = LMObjective(cfg.llm, remat=args.remat), lm_batch(rows, args.text, args.speech)
+        tokens = rows * (args.text + args.speech)
+    else:
+        if args.remat != "none":
+            raise SystemExit("--remat is implemented for the LM only")
+        obj, batch = FlowObjective(cfg.flow), flow_batch(rows, args.speech)
+        tokens = rows * args.speech
+    tx = make_optimizer(OptimConfig(lr=1e-5))
+    abstract, sh = TR.abstract_state(obj, tx, mesh)
+    step = TR.make_train_step(obj, tx, sh, mesh, precision=args.precision).step
+    bsh = {k: M.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, M.replicated(mesh)),
+                       donate_argnums=(0,)).lower(abstract, b).compile()
+    compile_s = time.perf_counter() - t0
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    flops_dev = float(ca["flops"])
+    ma = compiled.memory_analysis()
+    gib = 1024 ** 3
+    peak_mem = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+                + ma.temp_size_in_bytes) / gib
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
+    out = {"objective": args.objective, "model": args.model, "precision": args.precision, "remat": args.remat,
+           "chips": mesh.size,
+           "mesh": dict(mesh.shape), "global_rows": rows, "text": args.text, "speech": args.speech,
+           "params": n_params, "tokens_per_step": tokens, "compile_s": round(compile_s, 1),
+           "flops_per_step_per_chip": flops_dev, "flops_per_step": flops_dev * mesh.size,
+           "flops_per_token_per_param": round(flops_dev * mesh.size / tokens / n_params, 2),
+           "memory_per_chip_gib": {"arguments": round(ma.argument_size_in_bytes / gib, 3),
+                                   "temp": round(ma.temp_size_in_bytes / gib, 3), "peak_estimate": round(peak_mem, 3)},
+           "assumed_mfu": args.mfu, "accelerators": {}}
+    for name, spec in PEAK.items():
+        t_peak = flops_dev / spec[args.precision]
+        out["accelerators"][name] = {"peak_flops": spec[args.precision], "step_s_at_peak": float(f"{t_peak:.4g}"),
+                                     "step_s_expected": float(f"{t_peak / args.mfu:.4g}"),
+                                     "tokens_per_s_expected": round(tokens / (t_peak / args.mfu)),
+                                     "fits_memory": peak_mem <= spec["hbm_gib"]}
+    print(json.dumps(out, indent=2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -164,8 +235,20 @@ def main():
     m.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     m.add_argument("--text", type=int, default=64)
     m.add_argument("--speech", type=int, default=500)
+    c = sub.add_parser("scale")
+    c.add_argument("--objective", choices=["lm", "flow"], default="lm")
+    c.add_argument("--model", choices=["full", "tiny"], default="full")
+    c.add_argument("--chips", type=int, default=8, help="simulated devices (the mesh size)")
+    c.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
+    c.add_argument("--rows-per-shard", type=int, default=4, help="batch rows per data x fsdp shard")
+    c.add_argument("--text", type=int, default=64)
+    c.add_argument("--speech", type=int, default=500)
+    c.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    c.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none",
+                   help="LM per-layer remat policy (layers/remat.py)")
+    c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
     args = ap.parse_args()
-    speed(args) if args.what == "speed" else memory(args)
+    {"speed": speed, "memory": memory, "scale": scale}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -154,3 +154,41 @@ def test_mesh_errors():
         M.make_mesh((3, 3, 1))
     with pytest.raises(ValueError, match="divisible"):
         M.shard_batch({"x": np.zeros((3, 2))}, M.make_mesh((2, 2, 2)))
+
+
+
+@pytest.mark.slow  # six compilations of the tiny LM: ~1 min alone, ~5 min on the loaded CI cores
+def test_lm_remat_policies_keep_the_loss_and_cut_memory():
+    """Per-layer remat of the LM: the loss and gradients are those without remat, and the compiled
+    train step keeps less ("full" and "dots_no_batch" temp memory below "none"); bad names: ConfigError."""
+    from cosyvoice2_jax.config import ModelConfig
+    from cosyvoice2_jax.errors import ConfigError
+    from cosyvoice2_jax.train.lm import LMObjective
+
+    cfg = ModelConfig.tiny().llm
+    r = np.random.default_rng(0)
+    rows, text, speech = 4, 16, 120
+    batch = {"text_token": r.integers(0, 600, (rows, text)).astype(np.int32),
+             "text_token_len": np.array([16, 9, 12, 5], np.int32),
+             "speech_token": r.integers(0, 6561, (rows, speech)).astype(np.int32),
+             "speech_token_len": np.array([120, 80, 101, 30], np.int32), "valid": np.ones((rows,), bool)}
+    key = jax.random.key(3)
+    params = LMObjective(cfg).init_params(jax.random.key(0))
+    tx = make_optimizer(OptimConfig(lr=1e-3))
+    mesh = M.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    grads, temp = {}, {}
+    for remat in ("none", "full", "dots_no_batch"):
+        obj = LMObjective(cfg, remat=remat)
+        (loss, _), g = jax.jit(jax.value_and_grad(lambda p: obj.loss_fn(p, batch, key), has_aux=True))(params)
+        grads[remat] = (float(loss), g)
+        abstract, sh = TR.abstract_state(obj, tx, mesh)
+        step = TR.make_train_step(obj, tx, sh, mesh).step
+        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+        temp[remat] = jax.jit(step).lower(abstract, b).compile().memory_analysis().temp_size_in_bytes
+    for remat in ("full", "dots_no_batch"):
+        assert grads[remat][0] == pytest.approx(grads["none"][0], rel=1e-6)
+        for a, b in zip(jax.tree.leaves(grads[remat][1]), jax.tree.leaves(grads["none"][1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert temp["full"] < temp["none"] and temp["dots_no_batch"] < temp["none"], temp
+    with pytest.raises(ConfigError, match="train.remat='everything'"):
+        LMObjective(cfg, remat="everything").init_params(jax.random.key(0))

@@ -33,6 +33,7 @@ from ..config import LLMConfig, QwenConfig
 from ..layers.dense import Embedding, Linear, quantize_rows
 from ..layers.dtypes import compute_dtype
 from ..layers.norm import RMSNorm
+from ..layers.remat import remat_policy
 from ..layers.rope import apply_rope, rope_cos_sin
 
 # ----------------------------------------------------------------------------------- backbone
@@ -144,19 +145,23 @@ class Qwen2Model(nn.Module):
     scan_layers: bool = False
     quant: bool = False
     pad_rows: bool = False
+    remat: str = "none"  # training: per-layer rematerialisation policy (layers/remat.py)
 
     def setup(self):
         c = self.cfg
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, self.dtype)
         kw = dict(dtype=self.dtype, quant=self.quant, pad_rows=self.pad_rows)
+        policy = remat_policy(self.remat)
         if self.scan_layers:
+            block = _ScanLayer if self.remat == "none" else nn.remat(_ScanLayer, policy=policy, prevent_cse=False)
             self.layers = nn.scan(
-                _ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+                block, variable_axes={"params": 0}, split_rngs={"params": True},
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"},
             )(c, **kw)
         else:
-            self.layers = [Qwen2DecoderLayer(c, **kw) for _ in range(c.num_hidden_layers)]
+            block = Qwen2DecoderLayer if self.remat == "none" else nn.remat(Qwen2DecoderLayer, policy=policy)
+            self.layers = [block(c, **kw) for _ in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype)
 
     def __call__(self, inputs_embeds, positions, mask, cache=None):
@@ -195,9 +200,10 @@ class Qwen2ForCausalLM(nn.Module):
     scan_layers: bool = False
     quant: bool = False
     pad_rows: bool = False
+    remat: str = "none"
 
     def _inner(self) -> nn.Module:
-        return Qwen2Model(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
+        return Qwen2Model(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows, self.remat)
 
     def setup(self):
         self.model = self._inner()
@@ -211,7 +217,7 @@ class Qwen2Encoder(Qwen2ForCausalLM):
     param path is ``llm/model/model/...`` as in ``llm.pt``."""
 
     def _inner(self) -> nn.Module:
-        return Qwen2ForCausalLM(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows)
+        return Qwen2ForCausalLM(self.cfg, self.dtype, self.scan_layers, self.quant, self.pad_rows, self.remat)
 
 
 # ----------------------------------------------------------------------------------- masks / positions
@@ -244,13 +250,14 @@ class Qwen2LM(nn.Module):
     cfg: LLMConfig
     quant: bool = False
     pad_rows: bool = False
+    remat: str = "none"  # training: per-decoder-layer remat policy (layers/remat.py)
 
     def setup(self):
         c = self.cfg
         dt = compute_dtype(c.dtype)
         d = c.qwen.hidden_size
         self.llm_embedding = Embedding(2, d, dt)
-        self.llm = Qwen2Encoder(c.qwen, dt, c.scan_layers, self.quant, self.pad_rows)
+        self.llm = Qwen2Encoder(c.qwen, dt, c.scan_layers, self.quant, self.pad_rows, self.remat)
         self.llm_decoder = Linear(c.speech_vocab, True, ("vocab", "embed"), dt, self.quant, self.pad_rows)
         self.speech_embedding = Embedding(c.speech_vocab, d, dt)
 

@@ -19,6 +19,11 @@ Pipeline, and why it is shaped this way:
    features and tokenisation run in grain threads or worker processes.
 4. The iterator state (``epoch`` + grain's own state) is saved with each checkpoint: a killed run
    resumes with exactly the next batch.
+5. Multi-process runs (``process_block``): every process plans the same global epoch and loads
+   only its contiguous slice of each batch's rows (the rows its devices hold, see
+   :func:`cosyvoice2_jax.train.distributed.process_batch_block`); the trainer assembles the global
+   batch. No row is loaded by two processes, and all processes stay at the same plan position, so
+   bucketing and exact resume work per process.
 
 HiFT GAN mode (``truncate_length > 0``, the official ``data_pipeline_gan``): every utterance is cut
 to a random ``truncate_length``-sample crop (or zero-padded), padded to a multiple of
@@ -428,11 +433,16 @@ class TrainData:
 
     ``state()`` -> ``{"epoch": e, "grain": <grain iterator state>}``; ``TrainData(...,
     state=s)`` continues with exactly the batch after the one that was last returned.
+
+    ``process_block=(start, stop, n)``: load only rows ``[start*B/n, stop*B/n)`` of every planned
+    batch of ``B`` rows (this process's share in a multi-process run); default: whole batches.
     """
 
     def __init__(self, cfg: DataConfig, tokenize: Callable[[str], Sequence[int]],
-                 source: ParquetSource | None = None, state: dict | None = None):
+                 source: ParquetSource | None = None, state: dict | None = None,
+                 process_block: tuple[int, int, int] | None = None):
         self.cfg = cfg
+        self.process_block = tuple(process_block) if process_block is not None else None
         self.source = source or ParquetSource(read_data_list(cfg.data_list))
         self.collate = Collate(self.source, cfg, tokenize)
         self.epoch = int((state or {}).get("epoch", 0))
@@ -446,6 +456,7 @@ class TrainData:
         if not plan:
             raise DataError("no training example passes the length filters; check the data and "
                             "DataConfig.token_buckets / max_length")
+        plan = self.process_rows(plan)
         ds = grain.MapDataset.source(plan).map(functools.partial(self.collate, epoch=self.epoch))
         if self.cfg.num_workers > 0:
             it = ds.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
@@ -456,6 +467,20 @@ class TrainData:
             it.set_state(self._grain_state)
             self._grain_state = None
         return it
+
+    def process_rows(self, plan: list[list[int]]) -> list[list[int]]:
+        """This process's rows of every batch of ``plan`` (all rows without a ``process_block``)."""
+        if self.process_block is None or self.process_block[1] - self.process_block[0] == self.process_block[2]:
+            return plan
+        start, stop, n = self.process_block
+        out = []
+        for b in plan:
+            if len(b) % n:
+                raise DataError(f"a batch of {len(b)} rows cannot be split over {n} data x fsdp shards; set "
+                                f"data.batch_multiple to a multiple of {n}")
+            per = len(b) // n
+            out.append(b[start * per: stop * per])
+        return out
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return self

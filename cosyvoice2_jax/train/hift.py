@@ -264,12 +264,15 @@ def make_gan_train_step(objective: HiFTGANObjective, txs: dict, clips: dict, sha
     jitted = {}
 
     def run(state, batch):
+        from .distributed import global_batch
+
+        batch = global_batch(batch, mesh)  # this process's rows -> global arrays (multi-process)
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in jitted:
             in_b = {k: M.batch_sharding(mesh, v.ndim) if v.ndim else M.replicated(mesh) for k, v in batch.items()}
             jitted[key] = jax.jit(step, in_shardings=(shardings, in_b), out_shardings=(shardings, M.replicated(mesh)),
                                   donate_argnums=(0,) if donate else ())
-        return jitted[key](state, M.shard_batch(batch, mesh))
+        return jitted[key](state, batch)
 
     run.compiled = jitted
     return run

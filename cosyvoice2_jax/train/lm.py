@@ -35,9 +35,10 @@ class LMObjective:
     bistream_prob: float = 0.5
     init_from: Any = None  # params to start from (e.g. a released llm.pt), else random
     name: str = "lm"
+    remat: str = "none"  # per-decoder-layer remat policy (layers/remat.py; TrainConfig.remat)
 
     def __post_init__(self):
-        self.model = Qwen2LM(self.cfg)
+        self.model = Qwen2LM(self.cfg, remat=self.remat)
 
     def init_params(self, rng):
         if self.init_from is not None:
@@ -74,9 +75,10 @@ class DPOObjective:
     bistream_prob: float = 0.5
     init_from: Any = None  # policy params to start from (and copy into the reference)
     name: str = "dpo"
+    remat: str = "none"  # per-decoder-layer remat policy (layers/remat.py; TrainConfig.remat)
 
     def __post_init__(self):
-        self.model = Qwen2LM(self.cfg)
+        self.model = Qwen2LM(self.cfg, remat=self.remat)
 
     def init_params(self, rng):
         p = self.init_from if self.init_from is not None else init_params(self.cfg, rng)

@@ -5,6 +5,11 @@ model YAML), the tokenizer directory, optional initial weights (a release direct
 ``llm.pt``/``flow.pt``/``hift.pt``), the data pipeline (:class:`DataConfig`) and the loop
 (:class:`TrainConfig`: steps, mesh, optimizer, checkpointing). Re-running the same command
 resumes from the latest checkpoint in ``train.workdir`` with the exact data position.
+
+Multi-process (pod) runs execute the same command in every process (``cosyvoice2-jax train ...
+--coordinator HOST:PORT --num-processes N --process-id I``, or nothing extra on TPU pods / SLURM);
+:func:`run` checks that all processes resolved the same config, and each one loads only its rows
+of every batch (see :mod:`cosyvoice2_jax.train.distributed`).
 """
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ from typing import Sequence
 from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
 from ..flow.train_options import FlowTrainOptions
+from ..layers.remat import check_remat
 from . import data as D
+from . import distributed as DIST
+from .. import sharding as M
 from . import trainer as TR
 from .hift import GANConfig
 
@@ -71,6 +79,10 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
 
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     cfg = TR.precision_model_config(cfg, tf.train.precision)
+    check_remat(tf.train.remat)
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo"):
+        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
+                          f"use remat: none for {tf.objective}")
     if tf.objective == "hift":
         from .hift import HiFTGANObjective
 
@@ -78,11 +90,11 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     if tf.objective == "lm":
         from .lm import LMObjective
 
-        return LMObjective(cfg.llm, init_from=init)
+        return LMObjective(cfg.llm, init_from=init, remat=tf.train.remat)
     if tf.objective == "dpo":
         from .lm import DPOObjective
 
-        return DPOObjective(cfg.llm, init_from=init)
+        return DPOObjective(cfg.llm, init_from=init, remat=tf.train.remat)
     from .flow import FlowObjective
 
     return FlowObjective(cfg.flow, tf.flow, init_from=init)
@@ -106,16 +118,21 @@ def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True
                               "24480 with data.align_samples 960)")
         feats = tuple(tf.data.features) + (() if "pitch" in tf.data.features else ("pitch",))
         data_cfg = dataclasses.replace(tf.data, need_mel=False, features=feats)
+    resolved = json.loads(json.dumps(to_dict(tf), ensure_ascii=False))
+    DIST.check_same_config(resolved)  # multi-process: every process must run the same config
+    DIST.check_mesh(tf.train.mesh)
+    block = DIST.process_batch_block(M.make_mesh(tf.train.mesh))  # this process's rows of each batch
     workdir = Path(tf.train.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "train_config.json").write_text(json.dumps(to_dict(tf), indent=2, ensure_ascii=False))
-    data = D.TrainData(data_cfg, tokenize, state=TR.resume_data_state(workdir))
+    if DIST.is_main():
+        (workdir / "train_config.json").write_text(json.dumps(resolved, indent=2, ensure_ascii=False))
+    data = D.TrainData(data_cfg, tokenize, state=TR.resume_data_state(workdir), process_block=block)
     eval_fn = None
     if tf.eval_data_list:
         ecfg = dataclasses.replace(data_cfg, data_list=tf.eval_data_list, shuffle=False)
 
         def eval_fn():
-            ev = D.TrainData(ecfg, tokenize)
+            ev = D.TrainData(ecfg, tokenize, process_block=block)
             return (next(ev) for _ in range(ev.batches_per_epoch()))
     obj = build_objective(tf, cfg, _init_params(tf, cfg))
     return TR.train(obj, data, tf.train, eval_data=eval_fn, progress=progress)

@@ -17,6 +17,13 @@ are returned in fp32 and the optimizer (clip, Adam) runs in fp32.
 Objectives with several optimizers (the HiFT GAN) provide ``init_train(cfg, mesh) -> (state,
 shardings, step_fn)`` and the loop uses theirs (see :mod:`cosyvoice2_jax.train.hift`).
 
+Multi-process (pod) runs: every process runs this same loop on its share of the data (see
+:mod:`cosyvoice2_jax.train.distributed`); batches become global arrays through
+``jax.make_array_from_process_local_data``, every process writes its own shards of each Orbax
+checkpoint, the data-iterator states of all processes are saved together (one entry per process
+index), and metrics, TensorBoard events and the progress bar come from process 0 only. Held-out
+metrics are computed on global batches, so they are reduced over all processes.
+
 Determinism: the step's PRNG key is ``fold_in(seed_key, step)``, and the data order is a function
 of (seed, epoch, position), so a run resumed from a checkpoint reproduces the uninterrupted run
 exactly.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -35,6 +43,7 @@ import jax.numpy as jnp
 import optax
 
 from .. import sharding as M
+from . import distributed as DIST
 from .checkpoint import Checkpointer
 from .optim import OptimConfig, make_optimizer
 
@@ -63,6 +72,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     optim_d: OptimConfig = OptimConfig()  # the discriminator's optimizer (HiFT GAN only)
     precision: str = "fp32"  # fp32 | bf16 (compute dtype; params and optimizer state stay fp32)
+    remat: str = "none"  # LM/DPO: per-decoder-layer remat policy, none|full|dots|dots_no_batch (layers/remat.py)
 
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -119,8 +129,7 @@ def with_trainable_mask(objective, tx: optax.GradientTransformation) -> optax.Gr
                                  lambda p: jax.tree.map(lambda t: "train" if t else "frozen", objective.trainable(p)))
 
 
-def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int):
-    """Initialise ``{"params", "opt_state", "step"}`` directly sharded on ``mesh``."""
+def _state_init(objective: Objective, tx: optax.GradientTransformation, seed: int) -> Callable:
     key = jax.random.key(seed)
 
     def init():
@@ -128,14 +137,27 @@ def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.M
         params = nn.meta.unbox(boxed)
         return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-    abstract = jax.eval_shape(init)
+    return init
+
+
+def abstract_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int = 0):
+    """``(abstract, shardings)``: shapes/dtypes of ``{"params", "opt_state", "step"}`` (no
+    allocation) and their NamedShardings on ``mesh``; compile a step without executing it
+    (``scripts/bench_train.py scale``)."""
+    key = jax.random.key(seed)
+    abstract = jax.eval_shape(_state_init(objective, tx, seed))
     if hasattr(objective, "param_axes"):  # the component's logical axes (llm.param_axes, ...)
         logical = objective.param_axes()
     else:  # from nn.with_logical_partitioning boxes, if the objective's init keeps them
         logical = M.axes_from_boxed(jax.eval_shape(lambda: objective.init_params(key)))
     pshard = M.param_shardings(abstract["params"], mesh, logical)
-    shardings = state_shardings(abstract, pshard, mesh)
-    state = jax.jit(init, out_shardings=shardings)()
+    return abstract, state_shardings(abstract, pshard, mesh)
+
+
+def init_state(objective: Objective, tx: optax.GradientTransformation, mesh: M.Mesh, seed: int):
+    """Initialise ``{"params", "opt_state", "step"}`` directly sharded on ``mesh``."""
+    _, shardings = abstract_state(objective, tx, mesh, seed)
+    state = jax.jit(_state_init(objective, tx, seed), out_shardings=shardings)()
     return state, shardings
 
 
@@ -190,12 +212,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, shar
     jitted = {}
 
     def run(state, batch):
+        batch = DIST.global_batch(batch, mesh)  # this process's rows -> global arrays
         key = tuple(sorted((k, v.shape) for k, v in batch.items()))
         if key not in jitted:
             in_b = {k: batch_shard(v) for k, v in batch.items()}
             jitted[key] = jax.jit(step, in_shardings=(shardings, in_b), out_shardings=(shardings, M.replicated(mesh)),
                                   donate_argnums=(0,) if donate else ())
-        return jitted[key](state, M.shard_batch(batch, mesh))
+        return jitted[key](state, batch)
 
     run.compiled = jitted  # exposed for compile-count tests
     run.step = step  # the unjitted step (tests inspect its jaxpr)
@@ -235,6 +258,8 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     """
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    main = DIST.is_main()
+    DIST.check_mesh(cfg.mesh)
     mesh = M.make_mesh(cfg.mesh)
     if hasattr(objective, "init_train"):  # several optimizers (HiFT GAN): the objective builds them
         state, shardings, step_fn = objective.init_train(cfg, mesh)
@@ -245,15 +270,16 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=cfg.keep, async_save=cfg.async_save)
     if ckpt.latest_step() is not None:
         state, _, _ = ckpt.restore(None, state, shardings)
-    writer = MetricsWriter(workdir / "tb")
+    writer = MetricsWriter(workdir / "tb" if main else None)
     start = int(state["step"])
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=start, desc=objective.name, dynamic_ncols=True)
     t0, done = time.time(), 0
-    with open(workdir / "metrics.jsonl", "a", encoding="utf-8") as log:
+    # metrics.jsonl is written by process 0 alone
+    with open(workdir / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8") as log:
         while int(state["step"]) < cfg.steps:
             batch = next(data)
             state, metrics = step_fn(state, batch)
@@ -268,9 +294,9 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
             if bar is not None:
                 bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.steps:
-                ckpt.save(step, state, data_state=data.state(), meta={"objective": objective.name})
+                ckpt.save(step, state, data_state=gather_data_state(data.state()), meta={"objective": objective.name})
             if eval_data is not None and cfg.eval_every and step % cfg.eval_every == 0:
-                ev = evaluate(objective, state["params"], eval_data())
+                ev = evaluate(objective, state["params"], eval_data(), mesh=mesh)
                 writer.write(step, ev, prefix="eval")
             done += 1
             if stop_after is not None and done >= stop_after:
@@ -282,8 +308,36 @@ def train(objective: Objective, data: Iterator[dict], cfg: TrainConfig, *, eval_
     return {"state": state, "history": writer.history, "steps_per_s": done / max(time.time() - t0, 1e-9)}
 
 
+def gather_data_state(state: dict) -> dict:
+    """This process's data state plus, in a multi-process run, every process's (``"processes"``:
+    one entry per process index), as saved with a checkpoint."""
+    if jax.process_count() == 1:
+        return state
+    return dict(state, processes=DIST.allgather_json(state))
+
+
+def data_state_for_process(saved: dict, process_index: int | None = None, process_count: int | None = None) -> dict:
+    """The entry of a saved data state that process ``process_index`` of ``process_count`` resumes
+    from. All processes of a run advance through their (equal-length) plans in lockstep, so their
+    positions agree and a checkpoint written by N processes also resumes on M != N processes."""
+    from ..errors import ConfigError
+
+    p = jax.process_index() if process_index is None else process_index
+    n = jax.process_count() if process_count is None else process_count
+    per = saved.get("processes")
+    if not per:
+        return saved
+    if len(per) == n:
+        return per[p]
+    positions = {json.dumps(s, sort_keys=True) for s in per}
+    if len(positions) != 1:
+        raise ConfigError(f"the checkpoint was written by {len(per)} processes at different data positions and "
+                          f"cannot resume on {n}; resume with {len(per)} processes")
+    return per[0]
+
+
 def resume_data_state(workdir: str | Path) -> dict | None:
-    """The data-iterator state saved with the latest checkpoint in ``workdir`` (or None)."""
+    """This process's data-iterator state saved with the latest checkpoint in ``workdir`` (or None)."""
     ckdir = Path(workdir) / "checkpoints"
     if not ckdir.exists():
         return None
@@ -295,17 +349,22 @@ def resume_data_state(workdir: str | Path) -> dict | None:
         import orbax.checkpoint as ocp
 
         out = ck.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
-        return dict(out["data"] or {})
+        return data_state_for_process(dict(out["data"] or {}))
     finally:
         ck.close()
 
 
-def evaluate(objective: Objective, params: Any, batches: Iterator[dict]) -> dict:
-    """Mean of the objective's metrics over held-out batches (no PRNG-dependent dropout)."""
+def evaluate(objective: Objective, params: Any, batches: Iterator[dict], mesh: M.Mesh | None = None) -> dict:
+    """Mean of the objective's metrics over held-out batches (no PRNG-dependent dropout).
+
+    With ``mesh``, each batch holds this process's rows and is assembled into a global batch, so
+    every process gets the metrics of the whole batch (reduced over processes)."""
     fn = jax.jit(lambda p, b: objective.loss_fn(p, b, jax.random.key(0)))
     sums: dict[str, float] = {}
     n = 0
     for b in batches:
+        if mesh is not None and jax.process_count() > 1:
+            b = DIST.global_batch(b, mesh)
         loss, m = fn(params, b)
         m = dict(m, loss=loss)
         for k, v in m.items():
