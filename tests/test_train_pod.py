@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from cosyvoice2_jax.errors import ConfigError
-from cosyvoice2_jax.frontend.toy_tokenizer import write_toy_qwen_tokenizer
+from toy_tokenizer import write_toy_qwen_tokenizer
 from cosyvoice2_jax.train import data as D
 from cosyvoice2_jax.train import distributed as DIST
 from cosyvoice2_jax import sharding as M
