@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import CFMConfig, FlowLoss, Solver, TScheduler
+from ..config import CFMConfig, FlowLoss, TScheduler
 from ..errors import ConfigError
 
 Array = jax.Array
@@ -98,63 +98,11 @@ def is_prng_key(x) -> bool:
 
 
 # ----------------------------------------------------------------------------- solvers
+# One ODE loop for offline and streaming inference: flow/sampling.py (grids, solvers, guidance).
 # velocity(x (B, F, C), t () f32, k () int32, state) -> (v, state): ``k`` is the index of this
 # velocity evaluation in the solve (0 .. n_evals - 1); ``state`` is any pytree threaded through the
 # loop (None offline; the streaming estimator's caches, one per evaluation, in flow/streaming.py).
-Velocity = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
-
-
-def n_evals(solver: Solver | str, n_steps: int) -> int:
-    """Static number of velocity evaluations of one solve of ``n_steps`` steps."""
-    return n_steps * (1 if Solver(solver) is Solver.EULER else 2)
-
-
-def solve(velocity: Velocity, x0: Array, ts: Array, solver: Solver | str = Solver.EULER,
-          state: Any = None) -> tuple[Array, Any]:
-    """Integrate ``dx/dt = velocity(x, t)`` over the grid ``ts`` in one ``lax.fori_loop``.
-
-    Returns ``(x1, state)``. Euler reproduces the official loop exactly, including its running
-    time ``t += dt`` and ``dt = ts[i+1] - t`` (so ``t`` drifts from ``ts`` by float rounding just
-    as in torch); evaluation ``k = i``. Midpoint and Heun (2 evaluations per step, ``k = 2i, 2i+1``)
-    are research options. ``x`` stays in the dtype of ``x0`` (float32).
-    """
-    solver = Solver(solver)
-    n = ts.shape[0] - 1
-
-    if solver is Solver.EULER:
-        def body(i, carry):
-            x, t, dt, st = carry
-            v, st = velocity(x, t, i, st)
-            x = x + dt * v.astype(x.dtype)
-            t = t + dt
-            dt = ts[jnp.minimum(i + 2, n)] - t
-            return x, t, dt, st
-        x, _, _, state = jax.lax.fori_loop(0, n, body, (x0, ts[0], ts[1] - ts[0], state))
-        return x, state
-
-    def body2(i, carry):
-        x, st = carry
-        t0, t1 = ts[i], ts[i + 1]
-        dt = t1 - t0
-        v0, st = velocity(x, t0, 2 * i, st)
-        v0 = v0.astype(x.dtype)
-        if solver is Solver.MIDPOINT:
-            v1, st = velocity(x + 0.5 * dt * v0, t0 + 0.5 * dt, 2 * i + 1, st)
-            return x + dt * v1.astype(x.dtype), st
-        v1, st = velocity(x + dt * v0, t1, 2 * i + 1, st)  # Heun
-        return x + 0.5 * dt * (v0 + v1.astype(x.dtype)), st
-    return jax.lax.fori_loop(0, n, body2, (x0, state))
-
-
-def cfg_velocity(estimate: Callable[[Array, Array, Array, Any], tuple[Array, Any]], rate) -> Velocity:
-    """Classifier-free guidance: ``estimate(x_rows, t, k, state)`` runs the batch ``[x; x]``
-    (conditioned rows first, unconditioned second) and returns ``((2B, F, C), state)``; the
-    velocity is ``(1 + w) v_c - w v_u``."""
-    def velocity(x, t, k, state):
-        v, state = estimate(jnp.concatenate([x, x], axis=0), t, k, state)
-        vc, vu = jnp.split(v, 2, axis=0)
-        return (1.0 + rate) * vc - rate * vu, state
-    return velocity
+from .sampling import Velocity, cfg_velocity, n_evals, solve  # noqa: E402,F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------- training
@@ -185,7 +133,8 @@ def cfm_loss(estimator: Callable[..., Array], x1: Array, valid: Array, mu: Array
         cond ``(B, F, C)``; draws from :func:`sample_loss_draws` (``t_u``, ``z``, ``cfg_u``).
     Returns ``(loss, y)``.
     """
-    t = schedule(draws["t_u"], cfg.t_scheduler)[:, None, None]
+    # draws["t"]: a time already drawn by a non-official law (flow/train_options.py)
+    t = (draws["t"] if "t" in draws else schedule(draws["t_u"], cfg.t_scheduler))[:, None, None]
     z = draws["z"]
     y = (1.0 - (1.0 - cfg.sigma_min) * t) * z + t * x1
     u = x1 - (1.0 - cfg.sigma_min) * z
@@ -199,4 +148,6 @@ def cfm_loss(estimator: Callable[..., Array], x1: Array, valid: Array, mu: Array
     m = keep_f[..., None].astype(x1.dtype)
     err = (pred - u) * m
     err = err * err if FlowLoss(cfg.loss) is FlowLoss.MSE else jnp.abs(err)
+    if "loss_weight" in draws:  # per-row w(t) (flow/train_options.py)
+        err = err * draws["loss_weight"][:, None, None].astype(err.dtype)
     return jnp.sum(err) / (jnp.sum(m) * x1.shape[-1]), y

@@ -161,7 +161,6 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     the encoder; ``out_len (B,)`` tokens that produce frames; ``prompt_mel_len (B,)``;
     ``prompt_feat (B, 2S, n_mels)``; ``embedding (B, 192)``; ``z (B, 2S, n_mels)`` -> mel ``(B, 2S, n_mels)``.
     """
-    _TRACE_COUNT[0] += 1
     model = CausalMaskedDiffWithXvec(cfg)
     p = {"params": params}
     B, S = tokens.shape
@@ -185,14 +184,6 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     velocity = cfm_lib.cfg_velocity(estimate, cfg_rate)
     ts = cfm_lib.t_span(n_timesteps, t_scheduler)
     return cfm_lib.solve(velocity, z, ts, solver)[0]
-
-
-_TRACE_COUNT = [0]
-
-
-def trace_count() -> int:
-    """How many times the jitted inference core was traced (= compiled) in this process."""
-    return _TRACE_COUNT[0]
 
 
 def _round_up(n: int, m: int) -> int:

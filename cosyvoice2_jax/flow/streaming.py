@@ -124,14 +124,6 @@ class FlowStreamState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- one chunk
-_TRACE_COUNT = [0]
-
-
-def trace_count() -> int:
-    """How many times the jitted chunk function was traced (= compiled) in this process."""
-    return _TRACE_COUNT[0]
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "W", "key_block", "solver"), donate_argnames=("caches",))
 def _chunk(params, tables, noise, ts, cfg_rate, caches: StreamCaches, ids, C, E, n_total, *,
            cfg: FlowConfig, W: int, key_block: int, solver: str):
@@ -140,7 +132,6 @@ def _chunk(params, tables, noise, ts, cfg_rate, caches: StreamCaches, ids, C, E,
     ``ids (W + L,)``: token ids at positions ``C .. C+W+L-1`` (any value at ``>= n_total``);
     ``E``: tokens producing frames; ``n_total``: tokens the look-ahead may read.
     """
-    _TRACE_COUNT[0] += 1
     model = CausalMaskedDiffWithXvec(cfg)
     p = {"params": params}
     r, chunk = cfg.token_mel_ratio, cfg.encoder.static_chunk_size

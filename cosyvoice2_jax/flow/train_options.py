@@ -20,7 +20,6 @@ so the official loss is unchanged bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -102,25 +101,3 @@ def apply_to_cfm(cfm_cfg, opts: FlowTrainOptions):
         return cfm_cfg
     return dataclasses.replace(cfm_cfg, training_cfg_rate=float(opts.cfg_drop))
 
-
-@functools.lru_cache(maxsize=1)
-def cfm_loss_reads_options() -> bool:
-    """Whether ``cfm.cfm_loss`` honours ``draws["t"]`` and ``draws["loss_weight"]`` (probed on a
-    toy estimator: a zero weight must give a zero loss, and ``y`` must be at the given ``t``)."""
-    from ..config import CFMConfig
-    from .cfm import cfm_loss
-
-    x1 = jnp.ones((1, 2, 1))
-    draws = {"t_u": jnp.asarray([0.5]), "t": jnp.asarray([1.0]), "z": jnp.zeros((1, 2, 1)),
-             "cfg_u": jnp.ones((1,)), "prompt_len": jnp.zeros((1,), jnp.int32), "loss_weight": jnp.zeros((1,))}
-    loss, y = cfm_loss(lambda y, v, mu, t, s, c: jnp.zeros_like(y), x1, jnp.ones((1, 2), bool), x1,
-                       jnp.ones((1, 1)), x1, draws, CFMConfig())
-    return bool(float(loss) == 0.0 and float(jnp.abs(y - x1).max()) == 0.0)
-
-
-def check_supported(opts: FlowTrainOptions) -> None:
-    """Refuse non-official options when ``cfm_loss`` lacks the hook that reads them."""
-    if not opts.official and not cfm_loss_reads_options():
-        raise ConfigError("flow.time_law / flow.loss_weighting need cfm_loss to read draws['t'] and "
-                          "draws['loss_weight'] (issue 18 hook, docs/flow_research.md); this build lacks it: "
-                          "keep time_law: official and loss_weighting: none")

@@ -33,7 +33,6 @@ class FlowObjective:
     name: str = "flow"
 
     def __post_init__(self):
-        TO.check_supported(self.options)
         self.cfg = dataclasses.replace(self.cfg, cfm=TO.apply_to_cfm(self.cfg.cfm, self.options))
 
     def init_params(self, rng):
