@@ -128,10 +128,8 @@ def load_sweep(path: Path) -> Sweep:
 def load_flow(model_dir: Path):
     """(ModelConfig, flow params, folded HiFT params) of a release or converted directory (a release
     is read for the flow and HiFT only: no LM, tokenizer or CAM++ conversion, nothing cached)."""
-    from cosyvoice2_jax.flow import params as flow_params
-    from cosyvoice2_jax.hift import params as hift_params
+    from cosyvoice2_jax import flow, hift
     from cosyvoice2_jax.layers.conv import fold_weight_norm
-    from cosyvoice2_jax.params_util import load_torch_checkpoint
     from cosyvoice2_jax.pipeline.loading import is_converted, read_converted
     from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml
 
@@ -140,8 +138,8 @@ def load_flow(model_dir: Path):
         return loaded.config, loaded.params["flow"], fold_weight_norm(loaded.params["hift"])
     paths = check_release_dir(model_dir)
     cfg = config_from_release_yaml(paths.yaml)
-    return (cfg, flow_params.load(paths.flow, cfg.flow),
-            fold_weight_norm(hift_params.from_torch(load_torch_checkpoint(paths.hift), cfg.hift, fold=False)))
+    return (cfg, flow.from_release(paths.file("flow"), cfg.flow),
+            hift.from_release(paths.file("hift"), cfg.hift, fold=True))
 
 
 def make_utterances(u: Utterances, cfg) -> dict[str, np.ndarray]:
@@ -193,7 +191,7 @@ def make_estimate(params, cfg, cond):
         valid_r = valid if R == 1 else jnp.concatenate([valid, valid], axis=0)
         t_emb = model.apply(p, jnp.broadcast_to(t, (R * B,)), method=model.time_embedding)
         h = jnp.concatenate([x_rows, rest_r], axis=-1)
-        return model.apply(p, h, valid_r, t_emb, 0, method=model.estimate_features), state
+        return model.apply(p, h, valid_r, t_emb, 0, method=model.estimate_features)[0], state
     return estimate
 
 
@@ -261,9 +259,9 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
 
     vocoder = None
     if sweep.vocoder:
-        from cosyvoice2_jax.pipeline.token2wav import Vocoder
+        from cosyvoice2_jax.hift.runtime import Vocoder
 
-        vocoder = Vocoder(cfg, hift_params)
+        vocoder = Vocoder(cfg.hift, hift_params)
     keys = [jax.random.key(1000 + b) for b in range(B)]
 
     def audio(mel):

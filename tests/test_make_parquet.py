@@ -78,6 +78,7 @@ def test_make_parquet_errors(tmp_path):
         mp.main(["--wav-dir", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
 
 
+@pytest.mark.slow  # ~30-50 s on the 2-core CI machine; run with -m slow
 def test_extract_scripts_then_make_parquet(tmp_path, shared_wavs):
     """The three data-prep steps chained on real speech (random extractor weights): tokens at
     25 Hz and 192-d embeddings land in the shards."""

@@ -204,6 +204,7 @@ def test_bad_input(tts, prompt):
         tts._inputs(SynthesisRequest("cross_lingual", "Hi.", np.tile(prompt, 6)))
 
 
+@pytest.mark.slow  # ~30-50 s on the 2-core CI machine; run with -m slow
 def test_sharded_batch_equals_single_device(loaded, tts, prompt):
     """synthesize_batch on a ('data',) mesh of the 8 simulated CPU devices == on one device."""
     assert jax.device_count() == 8
@@ -222,6 +223,7 @@ def test_sharded_batch_equals_single_device(loaded, tts, prompt):
         np.testing.assert_allclose(g, r, atol=1e-4)
 
 
+@pytest.mark.slow  # ~30-50 s on the 2-core CI machine; run with -m slow
 def test_cached_stream_equals_recompute(loaded, tts, prompt):
     """Streaming with the cached flow state == the official recompute-from-token-0 path (HEAD hops)."""
     cached = CosyVoice2(loaded, sampling="ras", seed=0, flow_cache=True)

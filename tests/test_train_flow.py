@@ -74,6 +74,7 @@ def test_flow_objective_equals_official_loss_and_ignores_padding(oracle, params,
     assert abs(float(longer) - float(ref)) < 1e-2 * abs(float(ref))
 
 
+@pytest.mark.slow  # ~30-50 s on the 2-core CI machine; run with -m slow
 def test_tiny_flow_loss_decreases_on_real_shards(tmp_path, shared_wavs):
     real = [A.load_wav(p, 16000) for p in shared_wavs]
     lst, _ = make_shards(tmp_path, n_rows=8, n_shards=1, real=real, seed=31)
@@ -87,6 +88,7 @@ def test_tiny_flow_loss_decreases_on_real_shards(tmp_path, shared_wavs):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-10:])
 
 
+@pytest.mark.slow  # ~30-50 s on the 2-core CI machine; run with -m slow
 def test_trained_flow_exports_to_official_names(oracle, params):  # noqa: F811
     from cosyvoice2_jax.flow import params as flow_params
     from cosyvoice2_jax.params_util import flatten
