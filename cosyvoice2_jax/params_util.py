@@ -290,3 +290,12 @@ def onnx_constants(model, numpy_helper) -> dict[str, np.ndarray]:
                 if a.name == "value":
                     consts[node.output[0]] = numpy_helper.to_array(a.t)
     return consts
+
+
+def onnx_or_state_dict(source, cfg, from_onnx: Callable, from_state_dict: Callable) -> dict:
+    """``from_release`` of the ONNX components (tokenizer, speaker): a release ``.onnx`` (path or
+    ``onnx.ModelProto``) goes through ``from_onnx``, a torch state dict (a mapping, e.g. their
+    ``to_release`` output) through ``from_state_dict``."""
+    if isinstance(source, Mapping):
+        return from_state_dict(source, cfg)
+    return from_onnx(source, cfg)

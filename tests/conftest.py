@@ -55,6 +55,18 @@ class CompileLog:
         return list(_COMPILED[self._mark:])
 
 
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as module ``name`` (once per session)."""
+    import importlib.util
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
 @pytest.fixture
 def compiles() -> CompileLog:
     return CompileLog()
@@ -117,13 +129,6 @@ def real_wavs(shared_wavs, oracle) -> list[Path]:
 def tiny_release(oracle, tmp_path_factory):
     """One tiny random-weight release per session (scripts/make_random_release.py, made by the
     official modules): ``(directory, summary)``."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_random_release", REPO / "scripts" / "make_random_release.py")
-    mrr = sys.modules.get("make_random_release")
-    if mrr is None:
-        mrr = importlib.util.module_from_spec(spec)
-        sys.modules["make_random_release"] = mrr
-        spec.loader.exec_module(mrr)
+    mrr = load_script("make_random_release")
     out = tmp_path_factory.mktemp("release") / "CosyVoice2-tiny"
     return out, mrr.make_release(out, "tiny", seed=0, oracle=oracle)

@@ -4,25 +4,15 @@ CSV, JSON and Pareto PNG; bad sweeps and existing results are refused."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import load_script
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("flow_study", REPO / "scripts" / "flow_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["flow_study"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-FS = _script()
+FS = load_script("flow_study")
 
 SWEEP = """\
 reference: {solver: Bosh3, rtol: 1.0e-3, atol: 1.0e-3}

@@ -1,13 +1,14 @@
 """scripts/make_parquet.py: folder of wavs + transcripts -> official parquet shards -> TrainData."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from conftest import load_script
 import soundfile as sf
 
 from cosyvoice2_jax.train import data as D
@@ -16,10 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_parquet", ROOT / "scripts" / "make_parquet.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("make_parquet")
 
 
 def _folder(tmp_path, shared_wavs):

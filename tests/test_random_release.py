@@ -9,9 +9,7 @@ Full-size ONNX configs: ``pytest tests/test_random_release.py -m slow``.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -20,18 +18,10 @@ from cosyvoice2_jax.config import SpeakerConfig, ModelConfig, TokenizerConfig
 from cosyvoice2_jax.errors import ConversionError
 from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml, qwen_config_from_dir
 
-from conftest import REPO
+from conftest import load_script
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_random_release", REPO / "scripts" / "make_random_release.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_random_release"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mrr = _script()
+mrr = load_script("make_random_release")
 
 
 def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:

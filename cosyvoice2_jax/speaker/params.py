@@ -35,7 +35,7 @@ import numpy as np
 
 from ..config import SpeakerConfig
 from ..errors import ConversionError
-from ..params_util import CONV1D, CONV2D, Rule, convert, export, load_onnx, onnx_constants
+from ..params_util import CONV1D, CONV2D, Rule, convert, export, load_onnx, onnx_constants, onnx_or_state_dict
 from .modeling import CAMPPlus
 
 _BN = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
@@ -263,9 +263,7 @@ def from_onnx(path_or_model, config: SpeakerConfig = SpeakerConfig()) -> dict:
 def from_release(source, cfg: SpeakerConfig) -> dict:
     """The release's ``campplus.onnx`` (path or ``onnx.ModelProto``), or a torch ``CAMPPlus`` state
     dict (a mapping, e.g. :func:`to_release` output) -> params."""
-    if isinstance(source, Mapping):
-        return from_torch_state_dict(source, cfg)
-    return from_onnx(source, cfg)
+    return onnx_or_state_dict(source, cfg, from_onnx, from_torch_state_dict)
 
 
 def to_release(params, cfg: SpeakerConfig | None = None) -> dict[str, np.ndarray]:

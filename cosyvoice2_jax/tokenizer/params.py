@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import TokenizerConfig
 from ..errors import ConversionError
-from ..params_util import CONV1D, LINEAR, Rule, convert, export, load_onnx, onnx_constants
+from ..params_util import CONV1D, LINEAR, Rule, convert, export, load_onnx, onnx_constants, onnx_or_state_dict
 from .modeling import S3TokenizerV2
 
 RULES = [
@@ -146,11 +146,9 @@ def from_onnx(path_or_model, config: TokenizerConfig = TokenizerConfig()) -> dic
 
 
 def from_release(source, cfg: TokenizerConfig) -> dict:
-    """The release's ``speech_tokenizer_v2.onnx`` (path or ``onnx.ModelProto``), or a torch
-    ``S3TokenizerV2`` state dict (a mapping, e.g. :func:`to_release` output) -> params."""
-    if isinstance(source, Mapping):
-        return from_torch_state_dict(source, cfg)
-    return from_onnx(source, cfg)
+    """The release's ``speech_tokenizer_v2.onnx`` (path or ``onnx.ModelProto``), or a torch ``S3TokenizerV2`` state
+    dict (a mapping, e.g. :func:`to_release` output) -> params."""
+    return onnx_or_state_dict(source, cfg, from_onnx, from_torch_state_dict)
 
 
 def to_release(params, cfg: TokenizerConfig | None = None) -> dict[str, np.ndarray]:
