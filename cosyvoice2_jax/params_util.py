@@ -292,10 +292,39 @@ def onnx_constants(model, numpy_helper) -> dict[str, np.ndarray]:
     return consts
 
 
-def onnx_or_state_dict(source, cfg, from_onnx: Callable, from_state_dict: Callable) -> dict:
-    """``from_release`` of the ONNX components (tokenizer, speaker): a release ``.onnx`` (path or
-    ``onnx.ModelProto``) goes through ``from_onnx``, a torch state dict (a mapping, e.g. their
-    ``to_release`` output) through ``from_state_dict``."""
-    if isinstance(source, Mapping):
-        return from_state_dict(source, cfg)
-    return from_onnx(source, cfg)
+
+def onnx_release_io(release_file: str, torch_class: str, onnx_to_state_dict: Callable,
+                    from_state_dict: Callable, to_state_dict: Callable, default_cfg: Any):
+    """``(from_onnx, from_release, to_release)`` of a component released as ONNX (tokenizer, speaker).
+
+    ``from_onnx(path_or_model, config)``: the ``.onnx`` file (path or ``onnx.ModelProto``) -> params
+    (strict); ``from_release(source, cfg)``: that, or a torch state dict (a mapping, e.g.
+    ``to_release`` output); ``to_release(params, cfg)``: the torch state dict (numpy). The ONNX graph
+    itself is not re-exported: ``export`` copies the release's file.
+    """
+    def from_onnx(path_or_model, config=default_cfg) -> dict:
+        return from_state_dict(onnx_to_state_dict(path_or_model, config), config, what=release_file)
+
+    def from_release(source, cfg) -> dict:
+        if isinstance(source, Mapping):
+            return from_state_dict(source, cfg)
+        return from_onnx(source, cfg)
+
+    def to_release(params, cfg=None) -> dict[str, Array]:
+        return to_state_dict(params)
+
+    from_onnx.__doc__ = f"``{release_file}`` (path or ``onnx.ModelProto``) -> params (strict)."
+    from_release.__doc__ = (f"The release's ``{release_file}``, or a torch ``{torch_class}`` state dict "
+                            "(a mapping, e.g. ``to_release`` output) -> params.")
+    to_release.__doc__ = (f"Params -> the torch ``{torch_class}`` state dict (numpy), which ``from_release`` "
+                          "reads back; the ONNX graph itself is not re-exported.")
+    return from_onnx, from_release, to_release
+
+
+def init_sequence_model(module, key, channels: int, frames: int = 16) -> dict:
+    """Random params of a module called as ``module(feats (B, T, channels), lengths (B,))`` (the
+    tokenizer and the speaker encoder), initialised on a dummy ``(1, frames, channels)`` input."""
+    import jax.numpy as jnp
+
+    feats = jnp.zeros((1, frames, channels), jnp.float32)
+    return module.init(key, feats, jnp.full((1,), frames, jnp.int32))["params"]

@@ -30,12 +30,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import SpeakerConfig
 from ..errors import ConversionError
-from ..params_util import CONV1D, CONV2D, Rule, convert, export, load_onnx, onnx_constants, onnx_or_state_dict
+from ..params_util import CONV1D, CONV2D, Rule, convert, export, load_onnx, init_sequence_model, onnx_constants, onnx_release_io
 from .modeling import CAMPPlus
 
 _BN = (("weight", "scale"), ("bias", "bias"), ("running_mean", "mean"), ("running_var", "var"))
@@ -69,8 +68,7 @@ IGNORE = (r".*num_batches_tracked$",)
 
 def init_params(cfg: SpeakerConfig, key) -> dict:
     """Random params of :class:`CAMPPlus` for ``cfg`` (batch-norm statistics included: mean 0, var 1)."""
-    feat = jnp.zeros((1, 16, cfg.feat_dim), jnp.float32)
-    return CAMPPlus(cfg).init(key, feat, jnp.full((1,), 16, jnp.int32))["params"]
+    return init_sequence_model(CAMPPlus(cfg), key, cfg.feat_dim)
 
 
 def abstract_params(cfg: SpeakerConfig = SpeakerConfig()):
@@ -255,21 +253,9 @@ def onnx_to_state_dict(path_or_model, config: SpeakerConfig = SpeakerConfig()) -
     return sd
 
 
-def from_onnx(path_or_model, config: SpeakerConfig = SpeakerConfig()) -> dict:
-    """``campplus.onnx`` -> params (strict)."""
-    return from_torch_state_dict(onnx_to_state_dict(path_or_model, config), config, what="campplus.onnx")
-
-
-def from_release(source, cfg: SpeakerConfig) -> dict:
-    """The release's ``campplus.onnx`` (path or ``onnx.ModelProto``), or a torch ``CAMPPlus`` state
-    dict (a mapping, e.g. :func:`to_release` output) -> params."""
-    return onnx_or_state_dict(source, cfg, from_onnx, from_torch_state_dict)
-
-
-def to_release(params, cfg: SpeakerConfig | None = None) -> dict[str, np.ndarray]:
-    """Params -> the torch ``CAMPPlus`` state dict (numpy), which :func:`from_release` reads back.
-    The ONNX graph itself is not re-exported: ``export`` copies the release's file."""
-    return to_torch_state_dict(params)
+# the contract's release I/O (and from_onnx), shared with the other ONNX component
+from_onnx, from_release, to_release = onnx_release_io(
+    "campplus.onnx", "CAMPPlus", onnx_to_state_dict, from_torch_state_dict, to_torch_state_dict, SpeakerConfig())
 
 
 

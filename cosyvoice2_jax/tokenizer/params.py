@@ -25,12 +25,11 @@ import re
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import TokenizerConfig
 from ..errors import ConversionError
-from ..params_util import CONV1D, LINEAR, Rule, convert, export, load_onnx, onnx_constants, onnx_or_state_dict
+from ..params_util import CONV1D, LINEAR, Rule, convert, export, load_onnx, init_sequence_model, onnx_constants, onnx_release_io
 from .modeling import S3TokenizerV2
 
 RULES = [
@@ -52,8 +51,7 @@ RULES = [
 
 def init_params(cfg: TokenizerConfig, key) -> dict:
     """Random params of :class:`S3TokenizerV2` for ``cfg``."""
-    mel = jnp.zeros((1, 16, cfg.n_mels), jnp.float32)
-    return S3TokenizerV2(cfg).init(key, mel, jnp.full((1,), 16, jnp.int32))["params"]
+    return init_sequence_model(S3TokenizerV2(cfg), key, cfg.n_mels)
 
 
 def abstract_params(cfg: TokenizerConfig = TokenizerConfig()):
@@ -139,22 +137,9 @@ def onnx_to_state_dict(path_or_model, config: TokenizerConfig = TokenizerConfig(
     return sd
 
 
-def from_onnx(path_or_model, config: TokenizerConfig = TokenizerConfig()) -> dict:
-    """``speech_tokenizer_v2.onnx`` -> params (strict: every parameter must be found)."""
-    sd = onnx_to_state_dict(path_or_model, config)
-    return from_torch_state_dict(sd, config, what="speech_tokenizer_v2.onnx")
-
-
-def from_release(source, cfg: TokenizerConfig) -> dict:
-    """The release's ``speech_tokenizer_v2.onnx`` (path or ``onnx.ModelProto``), or a torch ``S3TokenizerV2`` state
-    dict (a mapping, e.g. :func:`to_release` output) -> params."""
-    return onnx_or_state_dict(source, cfg, from_onnx, from_torch_state_dict)
-
-
-def to_release(params, cfg: TokenizerConfig | None = None) -> dict[str, np.ndarray]:
-    """Params -> the torch ``S3TokenizerV2`` state dict (numpy), which :func:`from_release` reads back.
-    The ONNX graph itself is not re-exported: ``export`` copies the release's file."""
-    return to_torch_state_dict(params)
+# the contract's release I/O (and from_onnx), shared with the other ONNX component
+from_onnx, from_release, to_release = onnx_release_io(
+    "speech_tokenizer_v2.onnx", "S3TokenizerV2", onnx_to_state_dict, from_torch_state_dict, to_torch_state_dict, TokenizerConfig())
 
 
 def config_from_release(path_or_model, base: TokenizerConfig = TokenizerConfig()) -> TokenizerConfig:
