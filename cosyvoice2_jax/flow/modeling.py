@@ -23,6 +23,7 @@ feed the encoder's look-ahead and produce no frames (official ``context`` argume
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -36,6 +37,7 @@ from ..errors import ConfigError
 from ..layers.attention import Window, torch_linear
 from ..layers.masks import valid_mask
 from . import cfm as cfm_lib
+from . import sampling
 from .decoder import CausalConditionalDecoder
 from .encoder import UpsampleConformerEncoder
 
@@ -154,36 +156,68 @@ def abstract_params(cfg: FlowConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------- inference core
-@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "n_timesteps", "solver", "t_scheduler"))
-def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding, z, cfg_rate,
-                  *, cfg: FlowConfig, streaming: bool, n_timesteps: int, solver: str, t_scheduler: str):
-    """Jitted core. ``tokens (B, S)`` packed ``prompt ++ tokens``; ``in_len (B,)`` tokens read by
-    the encoder; ``out_len (B,)`` tokens that produce frames; ``prompt_mel_len (B,)``;
-    ``prompt_feat (B, 2S, n_mels)``; ``embedding (B, 192)``; ``z (B, 2S, n_mels)`` -> mel ``(B, 2S, n_mels)``.
-    """
+def packed_estimate(params, cfg: FlowConfig, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding, *,
+                    streaming: bool = False) -> "sampling.Estimate":
+    """The offline ODE's ``estimate(x_rows, t, k, state) -> (v_rows, state)`` (flow/sampling.py
+    protocol) on packed rows; call it inside a jitted function. ``tokens (B, S)`` packed
+    ``prompt ++ tokens``; ``in_len (B,)`` tokens read by the encoder; ``out_len (B,)`` tokens that
+    produce frames; ``prompt_mel_len (B,)``; ``prompt_feat (B, 2S, n_mels)``; ``embedding (B, 192)``.
+    ``x_rows`` has ``B`` rows (no guidance) or ``2B`` (CFG: conditioned rows, then rows with
+    ``mu``, speaker and prompt zeroed, as the official batch). Offline inference and
+    ``scripts/flow_study.py`` use this one set-up."""
     model = CausalMaskedDiffWithXvec(cfg)
     p = {"params": params}
     B, S = tokens.shape
-    F = 2 * S
+    F = cfg.token_mel_ratio * S
     enc_chunk = cfg.encoder.static_chunk_size if streaming else 0
     dec_chunk = cfg.decoder.static_chunk_size if streaming else 0
     spk = model.apply(p, embedding, method=model.embed_speaker)
     mu, valid_f = model.apply(p, tokens, valid_mask(out_len, S), enc_chunk, valid_mask(in_len, S),
                               method=model.encode)
     cond = prompt_feat * valid_mask(prompt_mel_len, F)[..., None].astype(prompt_feat.dtype)
-    # step-invariant part of the estimator input, CFG rows: conditioned, then all-zero
+    # step-invariant part of the estimator input; CFG rows: conditioned, then all-zero
     rest = jnp.concatenate([mu, jnp.broadcast_to(spk[:, None], (B, F, spk.shape[-1])), cond], axis=-1)
-    rest2 = jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
-    valid2 = jnp.concatenate([valid_f, valid_f], axis=0)
+    by_rows = {1: (rest, valid_f),
+               2: (jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0), jnp.concatenate([valid_f, valid_f], axis=0))}
 
-    def estimate(x2, t, k, state):
-        t_emb = model.apply(p, jnp.broadcast_to(t, (2 * B,)), method=model.time_embedding)
-        h = jnp.concatenate([x2, rest2], axis=-1)
-        return model.apply(p, h, valid2, t_emb, dec_chunk, method=model.estimate_features)
+    def estimate(x_rows, t, k, state):
+        rest_r, valid_r = by_rows[x_rows.shape[0] // B]
+        t_emb = model.apply(p, jnp.broadcast_to(t, (x_rows.shape[0],)), method=model.time_embedding)
+        h = jnp.concatenate([x_rows, rest_r], axis=-1)
+        return model.apply(p, h, valid_r, t_emb, dec_chunk, method=model.estimate_features)
+    return estimate
 
-    velocity = cfm_lib.cfg_velocity(estimate, cfg_rate)
-    ts = cfm_lib.t_span(n_timesteps, t_scheduler)
-    return cfm_lib.solve(velocity, z, ts, solver)[0]
+
+@functools.partial(jax.jit, static_argnames=("cfg", "streaming", "structure"))
+def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding, z, arrays,
+                  *, cfg: FlowConfig, streaming: bool, structure: tuple):
+    """Jitted core: :func:`packed_estimate` integrated from the noise ``z (B, 2S, n_mels)`` by
+    ``sampling.sample_arrays`` -> mel ``(B, 2S, n_mels)``. One program per sampler ``structure``
+    (solver, steps, guidance, gated); the grid and guidance weights are the traced ``arrays``."""
+    estimate = packed_estimate(params, cfg, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding,
+                               streaming=streaming)
+    return sampling.sample_arrays(estimate, z, structure, arrays)[0]
+
+
+_guidance_arrays = functools.lru_cache(maxsize=64)(sampling.guidance_arrays)  # host-side, per sampler
+
+
+def resolve_sampler(cfg: FlowConfig, sampler: "sampling.SamplerConfig | None" = None, *,
+                    n_timesteps: int | None = None, cfg_rate: float | None = None,
+                    solver: Solver | str | None = None, t_scheduler: TScheduler | str | None = None
+                    ) -> "sampling.SamplerConfig":
+    """The sampler of one call: ``sampler`` (default: ``cfg.inference_sampler``, the config's) with
+    the older per-call overrides ``n_timesteps``/``cfg_rate``/``solver``/``t_scheduler`` applied."""
+    s = cfg.inference_sampler if sampler is None else sampler
+    if not isinstance(s, sampling.SamplerConfig):
+        raise ConfigError(f"sampler must be a flow.sampling.SamplerConfig, got {type(s).__name__}; build one with "
+                          "SamplerConfig(steps=..., solver=...) or SamplerConfig.from_dict({...})")
+    over = {"steps": n_timesteps or None, "cfg_rate": cfg_rate,
+            "solver": getattr(solver, "value", solver), "grid": getattr(t_scheduler, "value", t_scheduler)}
+    if over["grid"] == "linear":  # TScheduler.LINEAR is the uniform grid
+        over["grid"] = "uniform"
+    over = {k: v for k, v in over.items() if v is not None}
+    return dataclasses.replace(s, **over) if over else s
 
 
 def _round_up(n: int, m: int) -> int:
@@ -193,8 +227,8 @@ def _round_up(n: int, m: int) -> int:
 def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len: Sequence[int],
                     prompt_token: np.ndarray, prompt_token_len: Sequence[int], prompt_feat: np.ndarray,
                     prompt_feat_len: Sequence[int], embedding: np.ndarray, *, streaming: bool = False,
-                    finalize: bool = True, noise: Any = "official", n_timesteps: int | None = None,
-                    cfg_rate: float | None = None, solver: Solver | str | None = None,
+                    finalize: bool = True, noise: Any = "official", sampler: "sampling.SamplerConfig | None" = None,
+                    n_timesteps: int | None = None, cfg_rate: float | None = None, solver: Solver | str | None = None,
                     t_scheduler: TScheduler | str | None = None, token_bucket: int = 50,
                     place: Any = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Batched official inference with per-row lengths.
@@ -207,6 +241,9 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
       streaming: static-chunk attention (25 tokens / 50 frames) instead of full attention.
       finalize: False = the last ``pre_lookahead_len`` tokens of each row are look-ahead only.
       noise: ``"official"`` (fixed noise, same for all rows), a ``jax.random`` key, or an array.
+      sampler: a :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig` (default: the config's,
+        ``cfg.inference_sampler``: the official 10 Euler steps, cosine grid, CFG 0.7);
+        ``n_timesteps``/``cfg_rate``/``solver``/``t_scheduler`` override single fields of it.
       token_bucket: packed rows are padded to a multiple of this many tokens.
       place: optional ``array -> array`` applied to every per-row input (e.g. ``jax.device_put`` with
         a batch-sharded ``NamedSharding``: the solve then runs data-parallel over the mesh).
@@ -214,11 +251,8 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
       ``(mels, mel_lens)``: a list of ``(F_b, n_mels)`` float32 arrays (frames after the prompt) and
       their lengths.
     """
-    c = cfg.cfm
-    n_timesteps = n_timesteps or c.n_timesteps
-    cfg_rate = c.inference_cfg_rate if cfg_rate is None else cfg_rate
-    solver = Solver(solver or c.solver).value
-    t_scheduler = TScheduler(t_scheduler or c.t_scheduler).value
+    smp = resolve_sampler(cfg, sampler, n_timesteps=n_timesteps, cfg_rate=cfg_rate, solver=solver,
+                          t_scheduler=t_scheduler)
     token, prompt_token = np.asarray(token), np.asarray(prompt_token)
     prompt_feat = np.asarray(prompt_feat, np.float32)
     B = token.shape[0]
@@ -248,8 +282,8 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
     put = place or jnp.asarray
     mel = _solve_packed(params, put(packed), put(total.astype(np.int32)), put(out_tok.astype(np.int32)),
                         put(pfl.astype(np.int32)), put(feat), put(np.asarray(embedding, np.float32)), put(z),
-                        jnp.float32(cfg_rate), cfg=cfg, streaming=bool(streaming), n_timesteps=int(n_timesteps),
-                        solver=solver, t_scheduler=t_scheduler)
+                        _guidance_arrays(smp), cfg=dataclasses.replace(cfg, sampler=None),
+                        streaming=bool(streaming), structure=smp.structure)
     mel = np.asarray(mel)
     ends = cfg.token_mel_ratio * out_tok
     return [mel[b, pfl[b]: ends[b]] for b in range(B)], (ends - pfl)

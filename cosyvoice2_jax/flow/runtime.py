@@ -8,6 +8,7 @@ import numpy as np
 from .. import sharding
 from ..config import FlowConfig
 from . import modeling as flow_model
+from .sampling import SamplerConfig
 
 
 @dataclasses.dataclass
@@ -25,12 +26,15 @@ class MelGenerator:
     ``mel`` runs one utterance (the official ``flow.inference``), ``mel_batch`` many at once
     (non-streaming, per-row lengths; with a ``mesh`` the rows split over its batch axes and the
     params are replicated), ``streamer()`` the cached streaming state machine
-    (:class:`~cosyvoice2_jax.flow.streaming.FlowStreamer`, built on first use).
+    (:class:`~cosyvoice2_jax.flow.streaming.FlowStreamer`, built on first use). All three integrate
+    the flow ODE with ``sampler`` (a :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig`; default
+    ``cfg.inference_sampler``, the config's, official unless the config's ``flow.sampler`` says otherwise).
     """
 
     def __init__(self, cfg: FlowConfig, params, *, token_bucket: int = 50, max_stream_frames: int = 6000,
-                 initial_stream_frames: int = 600, mesh=None):
+                 initial_stream_frames: int = 600, mesh=None, sampler: SamplerConfig | None = None):
         self.cfg, self.mesh, self.token_bucket = cfg, mesh, token_bucket
+        self.sampler = flow_model.resolve_sampler(cfg, sampler)
         self.params = sharding.place_replicated(params, mesh)
         self.max_stream_frames, self.initial_stream_frames = max_stream_frames, initial_stream_frames
         self._streamer = None
@@ -40,7 +44,8 @@ class MelGenerator:
         mels, _ = flow_model.inference_batch(
             self.params, self.cfg, np.asarray(tokens, np.int32)[None], [len(tokens)],
             prompt.token[None], [len(prompt.token)], prompt.feat[None], [prompt.feat.shape[0]],
-            prompt.embedding[None], streaming=streaming, finalize=finalize, token_bucket=self.token_bucket)
+            prompt.embedding[None], streaming=streaming, finalize=finalize, token_bucket=self.token_bucket,
+            sampler=self.sampler)
         return mels[0]
 
     def mel_batch(self, tokens: list[np.ndarray], prompts: list[FlowPrompt]) -> list[np.ndarray]:
@@ -61,7 +66,7 @@ class MelGenerator:
         mels, _ = flow_model.inference_batch(
             self.params, self.cfg, tok, [len(t) for t in tokens], ptok, [len(p.token) for p in prompts],
             pfeat, [p.feat.shape[0] for p in prompts], np.stack([p.embedding for p in prompts]),
-            streaming=False, finalize=True, token_bucket=self.token_bucket,
+            streaming=False, finalize=True, token_bucket=self.token_bucket, sampler=self.sampler,
             place=None if self.mesh is None else (lambda a: sharding.place_rows(a, self.mesh)))
         return mels[:n]
 
@@ -71,5 +76,5 @@ class MelGenerator:
 
             # caches start at initial_stream_frames and double on demand (4.6 MB per frame at full size)
             self._streamer = FlowStreamer(self.params, self.cfg, max_frames=self.max_stream_frames,
-                                          initial_frames=self.initial_stream_frames)
+                                          initial_frames=self.initial_stream_frames, sampler=self.sampler)
         return self._streamer

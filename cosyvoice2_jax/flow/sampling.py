@@ -527,19 +527,42 @@ def add_cli_arguments(parser) -> None:
     g.add_argument("--cfg-rate", type=float, metavar="W", help="CFG weight w in (1 + w) v_c - w v_u (official 0.7)")
 
 
-def sampler_from_args(args, cfm=None) -> SamplerConfig:
-    """The :class:`SamplerConfig` of parsed :func:`add_cli_arguments` flags over ``cfm``'s sampler
-    (or the YAML of ``--flow-sampler``). Bad values raise :class:`ConfigError` naming the field."""
+FLAGS = {"steps": "--flow-steps", "solver": "--flow-solver", "grid": "--flow-grid", "guidance": "--flow-guidance",
+         "cfg_rate": "--cfg-rate"}
+
+
+def cli_given(args) -> bool:
+    """Whether any :func:`add_cli_arguments` flag was given (else the config's sampler applies)."""
+    return getattr(args, "flow_sampler", None) is not None or any(
+        getattr(args, f.lstrip("-").replace("-", "_"), None) is not None for f in FLAGS.values())
+
+
+def sampler_from_args(args, base=None) -> SamplerConfig:
+    """The :class:`SamplerConfig` of parsed :func:`add_cli_arguments` flags over ``base`` (a
+    ``SamplerConfig``, a ``FlowConfig`` (its ``inference_sampler``), a ``CFMConfig`` (its official
+    sampler) or ``None`` (the official sampler)); ``--flow-sampler YAML`` replaces ``base``.
+    Bad values raise one :class:`ConfigError` naming the flag and the field."""
     if getattr(args, "flow_sampler", None):
-        base = SamplerConfig.from_yaml(args.flow_sampler)
-    elif cfm is not None:
-        base = SamplerConfig.from_cfm(cfm)
+        try:
+            base = SamplerConfig.from_yaml(args.flow_sampler)
+        except ConfigError as e:
+            raise ConfigError(f"--flow-sampler {args.flow_sampler}: {e}") from None
+    elif isinstance(base, SamplerConfig):
+        pass
+    elif hasattr(base, "inference_sampler"):
+        base = base.inference_sampler
+    elif base is not None:
+        base = SamplerConfig.from_cfm(base)
     else:
         base = SamplerConfig()
-    over = {"steps": args.flow_steps, "solver": args.flow_solver, "grid": args.flow_grid,
-            "guidance": args.flow_guidance, "cfg_rate": args.cfg_rate}
+    over = {k: getattr(args, flag.lstrip("-").replace("-", "_"), None) for k, flag in FLAGS.items()}
     over = {k: v for k, v in over.items() if v is not None}
     if "steps" in over and base.cfg_schedule:
         raise ConfigError(f"--flow-steps {over['steps']}: the sampler has a per-step cfg_schedule of "
                           f"{len(base.cfg_schedule)} steps; edit the YAML instead")
-    return dataclasses.replace(base, **over) if over else base
+    try:
+        return dataclasses.replace(base, **over) if over else base
+    except ConfigError as e:  # name the flag of the field the message starts with
+        field = str(e).split(":", 1)[0].removeprefix("sampler.")
+        flag = f"{FLAGS[field]} {over[field]}: " if field in over else ""
+        raise ConfigError(f"{flag}{e}") from None

@@ -31,8 +31,10 @@ boundary ``C`` ("committed") to the new end ``E`` of frame-producing tokens:
 
 * each attention layer writes the window's keys/values into its cache at ``C`` and attends to
   the cache prefix (keys ``>= E`` masked); the estimator has one such cache per velocity
-  evaluation (``cfm.n_evals``: 10 for 10 Euler steps, 20 for Heun) and per CFG row (the
-  evaluation index ``k`` of the solver selects it), so any solver of ``cfm.solve`` streams;
+  evaluation (``sampling.n_evals``: 10 for 10 Euler steps, 20 for Heun, 40 for RK4) and per
+  estimator row (``sampling.rows``: 2 with CFG, 1 with guidance ``none``; the evaluation index
+  ``k`` of the solver selects the slot), so any sampler of ``flow/sampling.py`` with our
+  solvers (Euler, midpoint, Heun, RK4) streams;
 * each causal conv takes its left context from a saved tail (2 frames; 4 for the up-layer) and
   saves the frames before the next boundary;
 * a partial chunk (``E`` not a multiple of the chunk) is recomputed by the next push, so any push
@@ -46,9 +48,9 @@ needs room (one more program per capacity tier). Attention reads only the cache 
 covers the window, in buckets of ``key_block`` frames (one ``lax.switch``), so its cost follows
 the real prefix rather than the capacity.
 
-Memory (fp32, full size): the estimator caches dominate: ``2 (k, v) x n_evals x 2 rows x
+Memory (fp32, full size): the estimator caches dominate: ``2 (k, v) x n_evals x rows x
 n_blocks x heads * head_dim`` values per frame, 4.6 MB per mel frame for 10 Euler steps (56 blocks
-of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it,
+of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it, guidance ``none`` halves it,
 ``flow.dtype: bfloat16`` halves it (caches are kept in the compute dtype).
 
 The official runtime's last chunk runs *without* chunk masks (``token2wav(..., finalize=True)``
@@ -59,6 +61,7 @@ chunk itself (``pipeline/token2wav.py``).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, NamedTuple
@@ -68,13 +71,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..config import FlowConfig, Solver
+from ..config import FlowConfig
 from ..errors import ConfigError
 from ..layers.attention import KV, Window
 from . import cfm as cfm_lib
+from . import sampling
 from .decoder import init_decoder_cache
 from .encoder import init_encoder_cache
-from .modeling import CausalMaskedDiffWithXvec, compute_dtype
+from .modeling import CausalMaskedDiffWithXvec, compute_dtype, resolve_sampler
 
 Array = jax.Array
 
@@ -91,7 +95,8 @@ class StreamCaches(NamedTuple):
     ``spk (n_mels,)``; ``cond (max_frames, n_mels)`` prompt mel then zeros; ``enc``: the encoder
     cache (:func:`encoder.init_encoder_cache`, batch 1: K/V of ``cap_t`` token / ``cap_f`` frame
     slots, conv tails); ``dec``: the estimator cache (:func:`decoder.init_decoder_cache`, slots
-    ``(n_evals,)``, batch 2 = CFG rows conditioned/unconditioned, ``cap_f`` frames).
+    ``(n_evals,)``, batch ``rows`` = 2 CFG rows conditioned/unconditioned (1 without guidance),
+    ``cap_f`` frames).
     """
 
     spk: Array
@@ -124,13 +129,15 @@ class FlowStreamState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- one chunk
-@functools.partial(jax.jit, static_argnames=("cfg", "W", "key_block", "solver"), donate_argnames=("caches",))
-def _chunk(params, tables, noise, ts, cfg_rate, caches: StreamCaches, ids, C, E, n_total, *,
-           cfg: FlowConfig, W: int, key_block: int, solver: str):
+@functools.partial(jax.jit, static_argnames=("cfg", "W", "key_block", "structure"), donate_argnames=("caches",))
+def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_total, *,
+           cfg: FlowConfig, W: int, key_block: int, structure: tuple):
     """Encoder + CFM solve on the token window ``[C, C+W)`` -> ``(caches, mel (r W, n_mels))``.
 
     ``ids (W + L,)``: token ids at positions ``C .. C+W+L-1`` (any value at ``>= n_total``);
-    ``E``: tokens producing frames; ``n_total``: tokens the look-ahead may read.
+    ``E``: tokens producing frames; ``n_total``: tokens the look-ahead may read. ``structure`` /
+    ``arrays``: the sampler (``sampling.sample_arrays``); the estimator runs ``rows`` = 2 rows
+    (CFG: conditioned, unconditioned) or 1 (guidance ``none``), the rows of ``caches.dec``.
     """
     model = CausalMaskedDiffWithXvec(cfg)
     p = {"params": params}
@@ -141,18 +148,19 @@ def _chunk(params, tables, noise, ts, cfg_rate, caches: StreamCaches, ids, C, E,
     mu, enc = model.apply(p, ids[None], readable, caches.enc, tables, window, method=model.encode_stream)
     frames = window.scaled(r)  # the estimator's frame window (chunk: decoder.static_chunk_size)
     Wf, f0 = r * W, r * C
-    valid = jnp.broadcast_to(f0 + jnp.arange(Wf) < r * E, (2, Wf))
+    rows = 1 if structure[2] == "none" else 2                           # sampling.rows
+    valid = jnp.broadcast_to(f0 + jnp.arange(Wf) < r * E, (rows, Wf))
     cond = lax.dynamic_slice_in_dim(caches.cond, f0, Wf, axis=0)
     z = lax.dynamic_slice_in_dim(noise, f0, Wf, axis=0)[None]
     rest = jnp.concatenate([mu[0], jnp.broadcast_to(caches.spk, (Wf, caches.spk.shape[-1])), cond], axis=-1)
-    rest2 = jnp.stack([rest, jnp.zeros_like(rest)])                      # CFG rows
+    rest_r = jnp.stack([rest, jnp.zeros_like(rest)][:rows])              # CFG rows: conditioned, unconditioned
 
-    def estimate(x2, t, k, dec):
-        t_emb = model.apply(p, jnp.broadcast_to(t, (2,)), method=model.time_embedding)
-        h = jnp.concatenate([x2, rest2], axis=-1)
+    def estimate(x_rows, t, k, dec):
+        t_emb = model.apply(p, jnp.broadcast_to(t, (rows,)), method=model.time_embedding)
+        h = jnp.concatenate([x_rows, rest_r], axis=-1)
         return model.apply(p, h, valid, t_emb, 0, dec, frames._replace(slot=(k,)), method=model.estimate_features)
 
-    x, dec = cfm_lib.solve(cfm_lib.cfg_velocity(estimate, cfg_rate), z, ts, solver, caches.dec)
+    x, dec = sampling.sample_arrays(estimate, z, structure, arrays, caches.dec)
     return caches._replace(enc=enc, dec=dec), x[0]
 
 
@@ -181,8 +189,11 @@ class FlowStreamer:
 
     Args:
       params: flow params (``flow.params.from_torch`` / ``init_params``).
-      cfg: the flow config; its ``cfm.solver`` (any, e.g. Euler or Heun), ``cfm.t_scheduler`` and
-        ``dtype`` are used as in offline inference.
+      cfg: the flow config; its sampler (``cfg.inference_sampler``) and ``dtype`` are used as in
+        offline inference.
+      sampler: a :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig` instead of the config's: any
+        grid and guidance, solvers euler/midpoint/heun/rk4 (diffrax solvers cannot thread the
+        caches); ``n_timesteps``/``cfg_rate`` override its ``steps``/``cfg_rate``.
       max_frames: cache capacity in mel frames, prompt included (a multiple of
         ``2 * static_chunk_size``); memory grows linearly with it (module docstring).
       initial_frames: if set (a multiple of ``2 * static_chunk_size``), caches start with this
@@ -194,7 +205,7 @@ class FlowStreamer:
 
     def __init__(self, params, cfg: FlowConfig, *, max_frames: int = 4096, noise: Any = "official",
                  n_timesteps: int | None = None, cfg_rate: float | None = None, key_block: int = 200,
-                 initial_frames: int | None = None):
+                 initial_frames: int | None = None, sampler: sampling.SamplerConfig | None = None):
         ec, dc = cfg.encoder, cfg.decoder
         r, chunk = cfg.token_mel_ratio, ec.static_chunk_size
         if ec.upsample_stride != r or dc.static_chunk_size != r * chunk or len(dc.channels) != 1:
@@ -213,14 +224,18 @@ class FlowStreamer:
                               f"most max_frames={max_frames} (or None: allocate max_frames at start)")
         if key_block <= 0 or key_block % r:
             raise ConfigError(f"key_block={key_block} must be a positive multiple of token_mel_ratio={r}")
-        self.params, self.cfg = params, cfg
+        self.params = params
         self.max_frames, self.cap_t, self.key_block = max_frames, max_frames // r, key_block
         self.initial_frames = initial_frames or max_frames
-        self.solver = Solver(cfg.cfm.solver).value
-        self.n_timesteps = int(n_timesteps or cfg.cfm.n_timesteps)
-        self.n_evals = cfm_lib.n_evals(self.solver, self.n_timesteps)
-        self.cfg_rate = jnp.float32(cfg.cfm.inference_cfg_rate if cfg_rate is None else cfg_rate)
-        self.ts = cfm_lib.t_span(self.n_timesteps, cfg.cfm.t_scheduler)
+        self.sampler = resolve_sampler(cfg, sampler, n_timesteps=n_timesteps, cfg_rate=cfg_rate)
+        if self.sampler.solver not in sampling.SOLVER_STAGES:
+            raise ConfigError(f"sampler.solver={self.sampler.solver!r} cannot stream (diffrax solvers cannot thread "
+                              f"the per-evaluation caches); use one of {', '.join(sampling.SOLVER_STAGES)}, or "
+                              "flow_cache=False (the recompute path)")
+        # one estimator cache per velocity evaluation and estimator row (no guidance: 1 row, half the memory)
+        self.n_evals, self.rows = sampling.n_evals(self.sampler), sampling.rows(self.sampler)
+        self.arrays = sampling.guidance_arrays(self.sampler)
+        self.cfg = cfg = dataclasses.replace(cfg, sampler=None)  # jit key: the sampler enters by structure only
         self.dtype = compute_dtype(cfg)
         if isinstance(noise, str) or cfm_lib.is_prng_key(noise):
             self.noise = cfm_lib.initial_noise(noise, 1, max_frames, cfg.output_size)[0]
@@ -237,7 +252,7 @@ class FlowStreamer:
         cfg = self.cfg
         return StreamCaches(spk=spk, cond=cond,
                             enc=init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype),
-                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), 2, frames, self.dtype))
+                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), self.rows, frames, self.dtype))
 
     def _grow(self, caches: StreamCaches, tokens_needed: int) -> StreamCaches:
         """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit."""
@@ -314,9 +329,9 @@ class FlowStreamer:
         caches = self._grow(state.caches, C + W)
         pos = np.arange(C, C + W + L)
         ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
-        caches, mel = _chunk(self.params, self.tables, self.noise, self.ts, self.cfg_rate, caches,
+        caches, mel = _chunk(self.params, self.tables, self.noise, self.arrays, caches,
                              jnp.asarray(ids), np.int32(C), np.int32(E), np.int32(n),
-                             cfg=cfg, W=W, key_block=self.key_block, solver=self.solver)
+                             cfg=cfg, W=W, key_block=self.key_block, structure=self.sampler.structure)
         out = np.asarray(mel)[r * (state.emitted - C): r * (E - C)]
         return FlowStreamState(tokens=all_tok, n_prompt=state.n_prompt, emitted=E, committed=(E // chunk) * chunk,
                                finalized=bool(finalize), caches=caches), out

@@ -47,6 +47,7 @@ from ..errors import ConfigError, CosyVoiceError, InputWarning, TextError
 from ..frontend.text import QwenTextTokenizer, TextFrontend, is_blank
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
 from ..flow.runtime import FlowPrompt
+from ..flow.sampling import SamplerConfig
 from ..hift.runtime import NoiseFn
 from ..speaker.runtime import SpeakerEncoder
 from ..tokenizer.runtime import SpeechTokenizer
@@ -125,6 +126,9 @@ class CosyVoice2:
       quant: int8 W8A8 LM decode (faster on CPU, small numerical change).
       bistream_max_tokens: cap on the speech tokens of a bistream (generator) text (default:
         ``max_token_text_ratio`` x its text tokens; the official has none).
+      flow_sampler: the flow's ODE sampler (:class:`~cosyvoice2_jax.flow.sampling.SamplerConfig`:
+        grid, solver, steps, guidance); default: the config's ``flow.sampler``, else the official
+        10 Euler steps on the cosine grid with CFG 0.7. Used by every mode, streaming included.
       mesh: a ``jax.sharding.Mesh`` with a ``data`` axis: :meth:`synthesize_batch` splits its rows
         over it (params replicated); e.g. ``jax.make_mesh((jax.device_count(),), ("data",),
         axis_types=(jax.sharding.AxisType.Auto,))``.
@@ -133,7 +137,7 @@ class CosyVoice2:
     def __init__(self, loaded: Loaded, *, sampling: str = "ras", seed: int = 0, flow_cache: bool = True,
                  streaming: StreamingConfig | None = None, hift_noise: Optional[NoiseFn] = None,
                  quant: bool = False, use_wetext: bool | None = None, lm_steps_per_call: int = 8, mesh=None,
-                 bistream_max_tokens: int | None = None):
+                 bistream_max_tokens: int | None = None, flow_sampler: SamplerConfig | None = None):
         self.config: ModelConfig = loaded.config
         self.sample_rate = self.config.sample_rate
         self.model_dir = loaded.source_dir
@@ -151,7 +155,7 @@ class CosyVoice2:
                               mesh=mesh)
         self.sampling = sampling
         self.token2wav = Token2Wav(self.config, p["flow"], p["hift"], flow_cache=flow_cache,
-                                   streaming=streaming, noise_fn=hift_noise, mesh=mesh)
+                                   streaming=streaming, noise_fn=hift_noise, mesh=mesh, sampler=flow_sampler)
         # the components hold device copies: keep no host copy of the weights (halves memory at full size)
         self.loaded = dataclasses.replace(loaded, params={})
         self.bistream_max_tokens = bistream_max_tokens

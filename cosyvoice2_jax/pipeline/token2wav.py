@@ -29,6 +29,7 @@ import numpy as np
 from ..config import ModelConfig, StreamingConfig
 from ..errors import ConfigError
 from ..flow.runtime import FlowPrompt, MelGenerator
+from ..flow.sampling import SamplerConfig
 from ..hift.runtime import NoiseFn, Vocoder
 
 
@@ -71,16 +72,21 @@ def hop_schedule(prompt_len: int, s: StreamingConfig) -> Iterator[int]:
 
 
 class Token2Wav:
-    """Flow + vocoder for one model; stateless apart from jit caches (safe to share between requests)."""
+    """Flow + vocoder for one model; stateless apart from jit caches (safe to share between requests).
+
+    ``sampler``: the flow's :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig` (default: the
+    config's ``flow.sampler``, else the official sampler of ``flow.cfm``)."""
 
     def __init__(self, cfg: ModelConfig, flow_params, hift_params, *, flow_cache: bool = True,
                  streaming: StreamingConfig | None = None, noise_fn: Optional[NoiseFn] = None,
                  token_bucket: int = 50, max_stream_frames: int = 6000, initial_stream_frames: int = 600,
-                 mesh=None):
+                 mesh=None, sampler: SamplerConfig | None = None):
         self.cfg, self.mesh = cfg, mesh
         self.stream_cfg = streaming or cfg.streaming
+        # one flow sampler for every path (whole utterance, batch, cached and recomputed chunks, last chunk)
         self.flow = MelGenerator(cfg.flow, flow_params, token_bucket=token_bucket, mesh=mesh,
-                                 max_stream_frames=max_stream_frames, initial_stream_frames=initial_stream_frames)
+                                 max_stream_frames=max_stream_frames, initial_stream_frames=initial_stream_frames,
+                                 sampler=sampler)
         self.vocoder = Vocoder(cfg.hift, hift_params, noise_fn=noise_fn, mesh=mesh)
         self.flow_cache = flow_cache
 
