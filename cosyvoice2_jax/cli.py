@@ -241,13 +241,12 @@ def cmd_synth(args) -> int:
 
     t0 = time.perf_counter()
     from .flow import sampling
-    from .pipeline.loading import load_release
 
-    loaded = load_release(args.model_dir, cache=not args.no_cache)
-    # --flow-* flags override the config's sampler (flow.sampler, else the official one of flow.cfm)
-    flow_sampler = sampling.sampler_from_args(args, loaded.config.flow) if sampling.cli_given(args) else None
-    tts = CosyVoice2(loaded, sampling="greedy" if args.greedy else "ras", seed=args.seed, quant=args.int8,
-                     flow_sampler=flow_sampler)
+    tts = CosyVoice2.from_pretrained(args.model_dir, cache=not args.no_cache,
+                                     sampling="greedy" if args.greedy else "ras", seed=args.seed,
+                                     quant=args.int8)
+    if sampling.cli_given(args):  # --flow-* flags over the config's sampler (flow.sampler, else flow.cfm's)
+        tts.flow_sampler = sampling.sampler_from_args(args, tts.config.flow)
     print(f"loaded {args.model_dir} in {time.perf_counter() - t0:.1f} s "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in tts.loaded.timings.items())})", file=sys.stderr)
     from tqdm import tqdm

@@ -103,12 +103,19 @@ BAD_SYNTH = {  # name: (extra args, expected message); {tmp} is the test folder
     "prompt_40s": (["--text", "Hi.", "--prompt-wav", "{tmp}/long.wav", "--out", "{tmp}/o.wav"],
                    "40.0 s long; the limit is 30 s"),
     "prompt_8khz": (["--text", "Hi.", "--prompt-wav", "{tmp}/low.wav", "--out", "{tmp}/o.wav"], "8000 Hz"),
+    # flow sampler flags: the flag and the field named
+    "flow_steps_0": (["--text", "Hi.", "--flow-steps", "0", "--out", "{tmp}/o.wav"], "--flow-steps 0: sampler.steps"),
+    "flow_solver": (["--text", "Hi.", "--flow-solver", "rk5", "--out", "{tmp}/o.wav"], "--flow-solver rk5: sampler.solver"),
+    "cfg_negative": (["--text", "Hi.", "--cfg-rate", "-0.5", "--out", "{tmp}/o.wav"], "--cfg-rate -0.5: sampler.cfg_rate"),
+    "flow_sampler_yaml": (["--text", "Hi.", "--flow-sampler", "{tmp}/s.yaml", "--out", "{tmp}/o.wav"],
+                          "s.yaml: sampler.times: must increase strictly from 0 to 1"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_SYNTH))
 def test_synth_bad_input_is_one_line_before_the_model_loads(synth, tmp_path, case):
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "s.yaml").write_text("steps: 2\ngrid: explicit\ntimes: [0.0, 0.7, 0.5]\n")
     (tmp_path / "latin1.txt").write_bytes("Hello.\nCaf\xe9 au lait.\n".encode("latin-1"))
     sf.write(tmp_path / "long.wav", (np.sin(np.arange(16000 * 40) * 0.05) * 0.3).astype(np.float32), 16000)
     sf.write(tmp_path / "low.wav", (np.sin(np.arange(8000) * 0.05) * 0.3).astype(np.float32), 8000)
@@ -127,6 +134,21 @@ def test_synth_text_file_outputs_by_line_number(synth, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0001.wav", "0004.wav"]
     assert [c[0] for c in fake.calls] == ["Hello there.", "Good morning."]  # the BOM is not text
     assert "line 3 -> 0003.wav" in cli.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
+
+
+def test_synth_flow_sampler_flags_over_the_config(synth, tmp_path):
+    """--flow-* flags replace single fields of the model config's sampler (here the official one)."""
+    from cosyvoice2_jax.config import ModelConfig
+    from cosyvoice2_jax.flow.sampling import SamplerConfig
+
+    fake = _FakeTTS()
+    fake.config = ModelConfig.tiny()
+    rc, err = synth(["--text", "Hi.", "--out", str(tmp_path / "o.wav"), "--quiet"], fake)
+    assert rc == 0 and not hasattr(fake, "flow_sampler"), err  # no flag: the config's sampler stays
+    rc, err = synth(["--text", "Hi.", "--out", str(tmp_path / "o.wav"), "--overwrite", "--quiet", "--flow-steps", "4",
+                     "--flow-solver", "heun", "--flow-guidance", "none"], fake)
+    assert rc == 0, err
+    assert fake.flow_sampler == SamplerConfig(steps=4, solver="heun", guidance="none")
 
 
 def test_synth_failure_or_interrupt_leaves_no_file(synth, tmp_path):

@@ -309,6 +309,28 @@ def test_bucketed_shapes_do_not_recompile(params, compiles):
     assert [n for n in compiles.since() if "_solve_packed" in n] == ["jit(_solve_packed)"]
 
 
+def test_sampler_programs_keyed_by_structure(params, compiles):
+    """inference takes a SamplerConfig (per call or from flow.sampler): one program per structure
+    (solver, steps, guidance), the grid and CFG weight are traced; the old per-call overrides are
+    the same sampler."""
+    from cosyvoice2_jax.flow.sampling import SamplerConfig
+
+    r = np.random.default_rng(11)
+    emb = r.normal(size=(1, 192)).astype(np.float32)
+    pf = r.normal(size=(1, 20, 80)).astype(np.float32)
+    pt, tok = r.integers(0, 6561, (1, 10)), r.integers(0, 6561, (1, 21))
+    heun = SamplerConfig(steps=2, solver="heun")
+    a = modeling.inference(params, CFG, tok, pt, pf, emb, sampler=heun)
+    compiles.mark()
+    b = modeling.inference(params, CFG, tok, pt, pf, emb, sampler=dataclasses.replace(heun, grid="uniform", cfg_rate=0.3))
+    c = modeling.inference(params, CFG, tok, pt, pf, emb, n_timesteps=2, solver="heun")
+    d = modeling.inference(params, dataclasses.replace(CFG, sampler=heun), tok, pt, pf, emb)
+    assert not [n for n in compiles.since() if "_solve_packed" in n]
+    assert np.abs(a - b).max() > 1e-3  # the grid and weight reached the solve
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(a, d)
+
+
 def test_inference_input_errors(params):
     emb = np.zeros((1, 192), np.float32)
     with pytest.raises(ConfigError, match="pre_lookahead_len"):

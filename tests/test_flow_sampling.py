@@ -269,3 +269,31 @@ def test_cli_flags():
         S.sampler_from_args(p.parse_args(["--cfg-rate", "-1"]))
     with pytest.raises(ConfigError, match="sampler.solver"):
         S.sampler_from_args(p.parse_args(["--flow-solver", "rk5"]))
+
+
+def test_model_config_sampler_section(tmp_path):
+    """The model config holds the sampler (flow.sampler; null = the official sampler of flow.cfm);
+    configs written before it existed load; bad values name the dotted key."""
+    from pathlib import Path
+
+    from cosyvoice2_jax.config import ModelConfig, apply_overrides
+
+    tiny = ModelConfig.tiny()
+    assert tiny.flow.sampler is None and tiny.flow.inference_sampler == S.SamplerConfig()
+    text = (Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text()
+    assert "  sampler: null\n" in text
+    old = tmp_path / "old.yaml"
+    old.write_text(text.replace("  sampler: null\n", ""))  # a config from before the sampler section
+    assert ModelConfig.from_yaml(old) == tiny
+    new = tmp_path / "new.yaml"
+    new.write_text(text.replace("  sampler: null\n", "  sampler: {steps: 4, solver: rk4, guidance: none}\n"))
+    assert ModelConfig.from_yaml(new).flow.inference_sampler == S.SamplerConfig(steps=4, solver="rk4", guidance="none")
+    assert apply_overrides(tiny, ["flow.sampler.grid=epss", "flow.sampler.steps=7"]).flow.sampler == \
+        S.SamplerConfig(steps=7, grid="epss")
+    for bad, field in ((["flow.sampler.steps=0"], "flow.sampler.steps"), (["flow.sampler.solver=rk5"], "flow.sampler.solver"),
+                       (["flow.sampler.cfg_rate=-1"], "flow.sampler.cfg_rate"),
+                       (["flow.sampler.grid=explicit", "flow.sampler.steps=2", "flow.sampler.times=[0, 0.6, 0.4]"],
+                        "flow.sampler.times"),
+                       (["flow.sampler.steps=4", "flow.cfm.n_timesteps=5"], "flow.cfm.n_timesteps")):
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            apply_overrides(tiny, bad)

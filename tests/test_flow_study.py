@@ -53,7 +53,8 @@ def test_study_writes_csv_json_png(tiny_release, loaded, tmp_path, capsys, monke
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(SWEEP)
     out = tmp_path / "out"
-    assert FS.main(["--model-dir", str(tiny_release[0]), "--sweep", str(sweep), "--out", str(out), "--quiet"]) == 0
+    assert FS.main(["--model-dir", str(tiny_release[0]), "--sweep", str(sweep), "--out", str(out), "--quiet",
+                    "--no-perceptual"]) == 0
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["label"] for r in rows] == ["euler/cosine/cfg0.7/10", "euler/uniform/cfg0.7/10"]
@@ -66,6 +67,7 @@ def test_study_writes_csv_json_png(tiny_release, loaded, tmp_path, capsys, monke
     data = json.loads((out / "results.json").read_text())
     assert data["meta"]["reference"]["rtol"] == 1e-3 and len(data["rows"]) == 2
     assert data["rows"][0]["config"]["grid"] == "cosine"
+    assert data["meta"]["perceptual"] == [] and all(r["dnsmos_ovrl"] is None for r in data["rows"])
     import matplotlib.image
 
     img = matplotlib.image.imread(out / "pareto.png")
@@ -88,3 +90,57 @@ def test_bad_sweep(tmp_path, capsys, text, msg):
     p.write_text(text)
     assert FS.main(["--model-dir", str(tmp_path), "--sweep", str(p), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert msg in capsys.readouterr().err
+
+
+def _tone(seconds=1.5, sr=16000, f0=180.0):
+    """A voiced-like test signal: harmonics of f0 with a syllable-rate envelope."""
+    t = np.arange(int(seconds * sr)) / sr
+    x = sum(np.sin(2 * np.pi * f0 * h * t) / h for h in range(1, 8)) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    return (0.2 * x / np.max(np.abs(x))).astype(np.float32)
+
+
+def test_word_error_rate_hand_values():
+    pytest.importorskip("jiwer")
+    assert FS.word_error_rate("the cat sat down", "the bat sat") == pytest.approx(0.5)  # 1 sub + 1 del of 4
+    assert FS.word_error_rate("hello world", "hello world") == 0.0
+    assert FS.word_error_rate("", "anything") is None  # no reference words: undefined
+
+
+@pytest.mark.slow  # DNSMOS + pocketsphinx model loads: ~20 s of CPU on the 2-core CI machine
+def test_perceptual_columns_on_generated_audio(loaded, tmp_path):
+    """The optional perceptual columns of a study on the tiny release's vocoded audio: every installed
+    metric is filled and in its range (DNSMOS 1..5, WER >= 0 or None without reference words,
+    speaker similarity in [-1, 1]); the others stay empty."""
+    metrics = FS.perceptual_available()
+    if not metrics:
+        pytest.skip("no perceptual package installed (pip install -e '.[perceptual]'; spk_sim: resemblyzer)")
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("reference: {solver: Bosh3, rtol: 1.0e-3, atol: 1.0e-3}\n"
+                     "utterances: {count: 1, prompt_tokens: 4, tokens: 40, seed: 0}\nsamplers:\n  - {}\n")
+    (row,) = FS.run_study(tmp_path, FS.load_sweep(sweep), progress=False, loaded=loaded, perceptual=metrics)
+    if "dnsmos" in metrics:
+        assert all(1.0 <= row[c] <= 5.0 for c in ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak"))
+    if "wer" in metrics:
+        assert row["wer"] is None or row["wer"] >= 0.0
+    if "spk_sim" in metrics:
+        assert -1.0 <= row["spk_sim"] <= 1.0 + 1e-6
+    missing = {"dnsmos": "dnsmos_ovrl", "wer": "wer", "spk_sim": "spk_sim"}
+    assert all(row[c] is None for m, c in missing.items() if m not in metrics)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("metric", ["dnsmos", "wer", "spk_sim"])
+def test_perceptual_metric_runs(metric):
+    if metric not in FS.perceptual_available():
+        pytest.skip(f"{metric}: its package is not installed (pip install -e '.[perceptual]'; spk_sim: resemblyzer)")
+    x, noise = _tone(), np.random.default_rng(0).normal(0, 0.3, 24000).astype(np.float32)
+    if metric == "dnsmos":
+        clean, noisy = FS.dnsmos(x), FS.dnsmos(np.clip(x + noise, -1, 1))
+        assert all(1.0 <= v <= 5.0 for v in clean.values())
+        assert noisy["dnsmos_bak"] < clean["dnsmos_bak"]  # background noise is what BAK scores
+        assert FS.dnsmos(np.zeros(10, np.float32))["dnsmos_ovrl"] is None  # too short: no score, no hang
+    elif metric == "wer":
+        assert isinstance(FS.transcribe(x), str)
+        assert FS.word_error_rate(FS.transcribe(x), FS.transcribe(x)) in (None, 0.0)  # deterministic decoder
+    else:
+        assert FS.speaker_similarity(x, x) == pytest.approx(1.0, abs=1e-5)

@@ -6,7 +6,8 @@ Official module: ``cosyvoice.flow.flow.CausalMaskedDiffWithXvec``. Pipeline, cha
     [prompt tokens ++ tokens] (B, S) -> input_embedding * valid -> encoder -> encoder_proj
         -> mu (B, F = 2S, n_mels)
     cond (B, F, n_mels) = prompt mel on the first ``mel_len1`` frames, zeros after
-    CFM (10 Euler steps, cosine grid, CFG 0.7, fixed noise) with the U-Net estimator -> mel
+    CFM with the U-Net estimator (flow/sampling.py SamplerConfig; official: 10 Euler steps, cosine
+    grid, CFG 0.7; fixed noise) -> mel
     output = mel[:, mel_len1 : 2 * S_out]
 
 Public entry points:

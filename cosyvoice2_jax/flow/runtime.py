@@ -39,6 +39,11 @@ class MelGenerator:
         self.max_stream_frames, self.initial_stream_frames = max_stream_frames, initial_stream_frames
         self._streamer = None
 
+    def set_sampler(self, sampler: SamplerConfig | None) -> None:
+        """Use ``sampler`` from now on (None: the config's); the streamer is rebuilt on next use."""
+        self.sampler = flow_model.resolve_sampler(self.cfg, sampler)
+        self._streamer = None
+
     def mel(self, tokens: np.ndarray, prompt: FlowPrompt, *, streaming: bool, finalize: bool) -> np.ndarray:
         """Official ``flow.inference`` for one utterance: mel frames after the prompt, (F, mel bins)."""
         mels, _ = flow_model.inference_batch(

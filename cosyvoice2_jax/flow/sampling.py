@@ -284,9 +284,11 @@ def n_evals(sampler_or_solver: SamplerConfig | str, n_steps: int | None = None) 
     raise ConfigError(f"unknown solver {solver!r}")
 
 
-def rows(sampler: SamplerConfig) -> int:
-    """Estimator rows per utterance: 2 with guidance (conditioned + unconditioned), 1 without."""
-    return 1 if sampler.guidance == "none" else 2
+def rows(sampler: SamplerConfig | tuple) -> int:
+    """Estimator rows per utterance: 2 with guidance (conditioned + unconditioned), 1 without
+    (``sampler``: a config or its :attr:`SamplerConfig.structure`)."""
+    guidance = sampler.guidance if isinstance(sampler, SamplerConfig) else sampler[2]
+    return 1 if guidance == "none" else 2
 
 
 def estimator_passes(sampler: SamplerConfig) -> int:

@@ -6,7 +6,7 @@ from token 0 for every chunk and keeps the frames after ``2 * offset``, so the k
 for the whole prefix. :class:`FlowStreamer` returns the same frames (float tolerance) at a
 roughly constant cost per chunk by keeping per-layer state between pushes. It runs the real
 modules (``encoder.py``, ``decoder.py`` through ``modeling.CausalMaskedDiffWithXvec``) with
-their optional caches, and the same ODE solver as offline inference (``cfm.solve``): there is no
+their optional caches, and the same ODE loop as offline inference (``sampling.sample_arrays``): there is no
 second copy of the network here, only the driver. See docs/architecture.md (streaming flow).
 
 Why caching is exact (``streaming=True``, i.e. static-chunk attention masks):
@@ -148,7 +148,7 @@ def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_tot
     mu, enc = model.apply(p, ids[None], readable, caches.enc, tables, window, method=model.encode_stream)
     frames = window.scaled(r)  # the estimator's frame window (chunk: decoder.static_chunk_size)
     Wf, f0 = r * W, r * C
-    rows = 1 if structure[2] == "none" else 2                           # sampling.rows
+    rows = sampling.rows(structure)
     valid = jnp.broadcast_to(f0 + jnp.arange(Wf) < r * E, (rows, Wf))
     cond = lax.dynamic_slice_in_dim(caches.cond, f0, Wf, axis=0)
     z = lax.dynamic_slice_in_dim(noise, f0, Wf, axis=0)[None]

@@ -162,6 +162,15 @@ class CosyVoice2:
         self.spk2info: dict[str, dict[str, np.ndarray]] = {k: dict(v) for k, v in loaded.spk2info.items()}
         self._seed, self._calls = seed, itertools.count()
 
+    @property
+    def flow_sampler(self) -> SamplerConfig:
+        """The flow's ODE sampler (every mode and path); assign a ``SamplerConfig`` to change it."""
+        return self.token2wav.flow.sampler
+
+    @flow_sampler.setter
+    def flow_sampler(self, sampler: SamplerConfig | None) -> None:
+        self.token2wav.flow.set_sampler(sampler)
+
     # ------------------------------------------------------------------------------- construction
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, cache: bool = True, cache_dir: str | Path | None = None,
