@@ -21,7 +21,8 @@ Output: ``OUT/<shard name>`` for every input shard plus ``OUT/data.list``, which
 
 Deterministic given ``--seed`` (keys per utterance, not per position or batch). Resumable: shards
 already in OUT are skipped, each shard is written to a temp file and renamed, so an interrupted
-run leaves no truncated shard; rerun the same command to continue.
+run leaves no truncated shard; rerun the same command to continue (a shard without any pair
+leaves ``<name>.empty`` instead and stays out of ``data.list``).
 """
 from __future__ import annotations
 
@@ -111,6 +112,10 @@ def write_shard(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _empty_marker(target: Path) -> Path:
+    return target.with_name(target.name + ".empty")
+
+
 def make_pairs(tts, scorer, shards: list[Path], out: Path, *, n_cand: int = 4, seed: int = 0, batch_rows: int = 4,
                wer_weight: float = 1.0, sim_weight: float = 1.0, progress: bool = True) -> dict:
     """Process every shard not yet in ``out``; write ``out/data.list``. Returns counts."""
@@ -125,7 +130,7 @@ def make_pairs(tts, scorer, shards: list[Path], out: Path, *, n_cand: int = 4, s
     stats = {"shards_done": 0, "shards_skipped": 0, "rows": 0, "pairs": 0, "no_preference": 0}
     for shard in tqdm(shards, desc="shards", disable=not progress):
         target = out / shard.name
-        if target.exists():
+        if target.exists() or _empty_marker(target).exists():
             stats["shards_skipped"] += 1
             continue
         rows = pq.read_table(shard).to_pylist()
@@ -140,8 +145,8 @@ def make_pairs(tts, scorer, shards: list[Path], out: Path, *, n_cand: int = 4, s
         stats["pairs"] += len(kept)
         if kept:
             write_shard(target, kept)
-        else:  # nothing to train on: an empty marker keeps the shard finished on resume
-            write_shard(target, [])
+        else:  # nothing to train on: a marker keeps the shard finished on resume, data.list skips it
+            atomic_write_bytes(_empty_marker(target), b"")
         stats["shards_done"] += 1
     lines = [str((out / s.name).resolve()) for s in shards if (out / s.name).exists()]
     atomic_write_bytes(out / "data.list", ("\n".join(lines) + "\n").encode())
