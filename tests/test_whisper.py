@@ -9,35 +9,15 @@ import pytest
 from cosyvoice2_jax.errors import ConfigError, ReleaseDirError
 from cosyvoice2_jax import whisper as W
 
-# tiny: 2 s window (100 encoder positions), 40 decoder positions; ids >= 256 are special tokens
-TINY = dict(vocab_size=264, num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4,
-            encoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
-            max_source_positions=100, max_target_positions=40, eos_token_id=256, decoder_start_token_id=257,
-            pad_token_id=256, bos_token_id=256)
-GEN = {"decoder_start_token_id": 257, "eos_token_id": 256, "is_multilingual": True,
-       "lang_to_id": {"<|en|>": 258, "<|zh|>": 259}, "task_to_id": {"transcribe": 260, "translate": 261},
-       "no_timestamps_token_id": 262, "suppress_tokens": [263], "begin_suppress_tokens": [32]}
-
-
-def write_tokenizer(d):
-    """A byte-level vocab: ids 0..255 are the 256 byte characters (GPT-2 alphabet), then specials."""
-    from cosyvoice2_jax.whisper.runtime import _byte_decoder
-
-    vocab = {c: b for c, b in _byte_decoder().items()}
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "generation_config.json").write_text(json.dumps(GEN))
+TINY, GEN = W.params.TINY_HF_CONFIG, W.params.TINY_GENERATION
 
 
 def make_tiny_whisper(d, oracle=None, seed=0):
-    """A tiny random Whisper HF directory: by transformers (oracle) or by our own init."""
-    if oracle is not None:
-        oracle("whisper:build", config=TINY, out_dir=str(d), seed=seed)
-    else:
-        import jax
-
-        cfg = W.WhisperConfig.from_hf(TINY)
-        W.save_hf_dir(W.init_params(cfg, jax.random.PRNGKey(seed)), cfg, d)
-    write_tokenizer(d)
+    """A tiny random Whisper HF directory: drawn by transformers (oracle) or by our own init."""
+    if oracle is None:
+        return W.params.save_random_hf_dir(d, seed)
+    oracle("whisper:build", config=TINY, out_dir=str(d), seed=seed)
+    W.params.write_byte_tokenizer(d)
     return d
 
 

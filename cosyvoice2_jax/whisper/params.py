@@ -55,7 +55,7 @@ def init_params(cfg: WhisperConfig, key) -> dict:
     import jax.numpy as jnp
 
     mel = jnp.zeros((1, cfg.n_frames, cfg.num_mel_bins), jnp.float32)
-    return Whisper(cfg).init(key, mel, jnp.zeros((1, 1), jnp.int32))["params"]
+    return jax.jit(lambda k: Whisper(cfg).init(k, mel, jnp.zeros((1, 1), jnp.int32))["params"])(key)
 
 
 def abstract_params(cfg: WhisperConfig = WhisperConfig()):
@@ -129,3 +129,32 @@ def save_hf_dir(params, cfg: WhisperConfig, out: str | Path) -> Path:
               str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg.to_hf(), indent=1))
     return out
+
+
+# a tiny byte-level Whisper for tests and demos: ids 0..255 are the 256 byte characters, then specials
+TINY_HF_CONFIG = dict(vocab_size=264, num_mel_bins=80, d_model=32, encoder_layers=2, encoder_attention_heads=4,
+                      encoder_ffn_dim=64, decoder_layers=2, decoder_attention_heads=4, decoder_ffn_dim=64,
+                      max_source_positions=100, max_target_positions=40, eos_token_id=256,
+                      decoder_start_token_id=257, pad_token_id=256, bos_token_id=256)
+TINY_GENERATION = {"decoder_start_token_id": 257, "eos_token_id": 256, "is_multilingual": True,
+                   "lang_to_id": {"<|en|>": 258, "<|zh|>": 259}, "task_to_id": {"transcribe": 260, "translate": 261},
+                   "no_timestamps_token_id": 262, "suppress_tokens": [263], "begin_suppress_tokens": [32]}
+
+
+def write_byte_tokenizer(out: str | Path, generation: dict = TINY_GENERATION) -> None:
+    """``vocab.json`` of the 256 byte characters (ids 0..255) + ``generation_config.json``."""
+    from .runtime import _byte_decoder
+
+    out = Path(out)
+    (out / "vocab.json").write_text(json.dumps(dict(_byte_decoder())))
+    (out / "generation_config.json").write_text(json.dumps(generation))
+
+
+def save_random_hf_dir(out: str | Path, seed: int = 0, hf_config: dict = TINY_HF_CONFIG) -> Path:
+    """A random-weight Whisper HF directory (config, safetensors, byte tokenizer): the harness's code
+    path on a tiny model (2 s window); its transcripts are meaningless."""
+    cfg = WhisperConfig.from_hf(hf_config)
+    save_hf_dir(init_params(cfg, jax.random.PRNGKey(seed)), cfg, out)
+    (Path(out) / "config.json").write_text(json.dumps({**cfg.to_hf(), **hf_config}, indent=1))
+    write_byte_tokenizer(out)
+    return Path(out)
