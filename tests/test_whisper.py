@@ -16,7 +16,7 @@ def make_tiny_whisper(d, oracle=None, seed=0):
     """A tiny random Whisper HF directory: drawn by transformers (oracle) or by our own init."""
     if oracle is None:
         return W.params.save_random_hf_dir(d, seed)
-    oracle("whisper:build", config=TINY, out_dir=str(d), seed=seed)
+    oracle("hf_whisper:build", config=TINY, out_dir=str(d), seed=seed)
     W.params.write_byte_tokenizer(d)
     return d
 
@@ -41,16 +41,16 @@ def test_logits_and_greedy_match_transformers(hf_dir, oracle):
     feats = np.stack([asr.features(w) for w in wavs])
     assert feats.shape == (3, 200, 80)
     # our front end == HF WhisperFeatureExtractor on the padded wave
-    ref = oracle("whisper:features", {"wav": wavs[0]}, n_mels=80, n_samples=32000)["features"]
+    ref = oracle("hf_whisper:features", {"wav": wavs[0]}, n_mels=80, n_samples=32000)["features"]
     np.testing.assert_allclose(feats[0], ref, atol=2e-4)
     # teacher-forced logits
     tokens = np.random.default_rng(0).integers(0, 264, (3, 12)).astype(np.int32)
-    want = oracle("whisper:logits", {"features": feats, "tokens": tokens}, path=str(hf_dir))["logits"]
+    want = oracle("hf_whisper:logits", {"features": feats, "tokens": tokens}, path=str(hf_dir))["logits"]
     got = np.asarray(asr.model.apply({"params": asr.params}, feats, tokens))
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
     # greedy tokens on the KV cache == HF's argmax loop on its own cache
     max_new = 40 - 4
-    want = oracle("whisper:greedy", {"features": feats, "prompt": np.asarray(asr.prompt_ids("en"), np.int32)},
+    want = oracle("hf_whisper:greedy", {"features": feats, "prompt": np.asarray(asr.prompt_ids("en"), np.int32)},
                   path=str(hf_dir), max_new=max_new, suppress=[263], begin_suppress=[32])["tokens"]
     got = asr.generate(wavs, language="en")
     for g, w in zip(got, want):

@@ -1,4 +1,5 @@
-"""Oracle tasks for Whisper: transformers' PyTorch ``WhisperForConditionalGeneration`` on random weights.
+"""Oracle tasks for Whisper (named hf_whisper: a module `whisper` here would shadow openai-whisper, which
+the official tokenizer imports): transformers' PyTorch ``WhisperForConditionalGeneration`` on random weights.
 
 ``build`` draws a tiny model (HF's own init, seeded) and saves it as an HF directory; ``logits`` and
 ``greedy`` run it from that directory. ``greedy`` is a plain argmax loop on HF's own KV cache
