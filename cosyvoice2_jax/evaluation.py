@@ -372,7 +372,12 @@ def run_cli(args) -> dict:
         if args.llm_checkpoint is not None:
             import jax
 
-            tts.lm.params = jax.device_put(load_trained_llm(args.llm_checkpoint))
+            trained = load_trained_llm(args.llm_checkpoint)
+            shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+            if shapes(trained) != shapes(tts.lm.params):
+                raise ConfigError(f"--llm-checkpoint {args.llm_checkpoint}: its LM does not have the shapes of the "
+                                  f"--model-dir LM (trained from another model size?)")
+            tts.lm.params = jax.device_put(trained)
     scorer = build_scorer(args.asr, args.speaker, tts, whisper_dir=args.whisper_dir)
     meta = {"list": str(args.list), "model_dir": str(args.model_dir or ""), "llm_checkpoint": str(args.llm_checkpoint or ""),
             "wav_dir": str(args.wav_dir or ""), "sampling": args.sampling, "seed": args.seed, "asr": args.asr,
