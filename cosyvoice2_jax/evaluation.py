@@ -121,7 +121,10 @@ def normalize_text(text: str, lang: str) -> str:
 def error_rate(reference: str, hypothesis: str, lang: str) -> dict[str, float]:
     """Word (``en``) or character (``zh``) error rate of ``hypothesis`` against ``reference`` after
     :func:`normalize_text`: ``{'wer', 'sub', 'del', 'ins', 'n_ref'}`` (``wer`` = (S + D + I) / N)."""
-    import jiwer
+    try:
+        import jiwer
+    except ImportError:
+        raise ConfigError("WER/CER needs the jiwer package: pip install 'cosyvoice2-jax[eval]' (or jiwer)") from None
 
     ref, hyp = normalize_text(reference, lang), normalize_text(hypothesis, lang)
     if not ref:
