@@ -8,6 +8,7 @@ Subcommands:
   features   compute the front-end features of a wav (flow mel, whisper mel, CAM++ fbank)
   normalize  normalise and split text the way synthesis does
   train      train the LM / flow / HiFT-GAN / DPO objective (configs/train/*.yaml)
+  eval       WER/CER (Whisper) and speaker similarity on a Seed-TTS-eval list (cosyvoice2_jax/evaluation.py)
 
 User errors (bad file, bad option, bad config key) print one line ``error: ...`` and exit 2,
 before any model loads wherever the input alone decides it (README "Bad input" table). Input
@@ -480,7 +481,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--distributed", action="store_true",
                    help="join a multi-process run whose coordinator jax discovers (TPU pod slice, SLURM, Open MPI)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="WER/CER and speaker similarity on a Seed-TTS-eval list",
+                       description="Synthesise a Seed-TTS-eval meta.lst (utt|prompt_text|prompt_wav|target_text) and "
+                                   "score it: WER/CER by Whisper (JAX), speaker similarity by CAM++. Writes "
+                                   "OUT/results.csv and OUT/summary.json.")
+    from .evaluation import add_arguments as _eval_arguments
+
+    _eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from .evaluation import run_cli
+
+    summary = run_cli(args)
+    print(json.dumps({k: v for k, v in summary.items() if k in ("n", "wer", "wer_corpus", "sim")}))
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
