@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import FlowConfig, FlowTrainMasks, Solver, TScheduler
+from ..config import STUDENT_INPUTS, FlowConfig, FlowTrainMasks, Solver, TScheduler
 from ..errors import ConfigError
 from ..layers.attention import Window, torch_linear
 from ..layers.masks import valid_mask
@@ -56,13 +56,14 @@ class ConditionalCFM(nn.Module):
     cfg: FlowConfig
 
     def setup(self):
-        self.estimator = CausalConditionalDecoder(self.cfg.decoder, compute_dtype(self.cfg))
+        self.estimator = CausalConditionalDecoder(self.cfg.decoder, compute_dtype(self.cfg),
+                                                  student_inputs(self.cfg))
 
-    def __call__(self, x, valid, mu, t, spks, cond, chunk=0):
-        return self.estimator(x, valid, mu, t, spks, cond, chunk)
+    def __call__(self, x, valid, mu, t, spks, cond, chunk=0, extra=None):
+        return self.estimator(x, valid, mu, t, spks, cond, chunk, extra)
 
-    def time_embedding(self, t):
-        return self.estimator.time_embedding(t)
+    def time_embedding(self, t, extra=None):
+        return self.estimator.time_embedding(t, extra)
 
     def forward_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
         return self.estimator.forward_features(h, valid, t_emb, chunk, cache, window)
@@ -91,7 +92,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """Touches every parameter (for ``init``): one estimator call on the encoded tokens."""
         spk = self.embed_speaker(embedding)
         mu, valid_f = self.encode(tokens, valid)
-        return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu))
+        extra = {n: jnp.zeros_like(t) for n in student_inputs(self.cfg)} or None
+        return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu), 0, extra)
 
     def embed_speaker(self, embedding: Array) -> Array:
         """``(B, spk_embed_dim)`` x-vector -> ``(B, n_mels)`` float32: ``F.normalize`` (eps 1e-12)
@@ -127,16 +129,59 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def pos_tables(self, tokens: int) -> dict:
         return self.encoder.pos_tables(tokens)
 
-    def time_embedding(self, t):
-        return self.decoder.time_embedding(t)
+    def time_embedding(self, t, extra=None):
+        """``t (B,)`` (+ the student's ``extra`` inputs) -> the estimator's time embedding."""
+        return self.decoder.time_embedding(t, extra)
 
     def estimate_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
         """Estimator on the packed input: ``(v (B, F, n_mels) f32, cache)`` (see
         :meth:`CausalConditionalDecoder.forward_features`)."""
         return self.decoder.forward_features(h, valid, t_emb, chunk, cache, window)
 
-    def estimate(self, x, valid, mu, t, spks, cond, chunk=0):
-        return self.decoder(x, valid, mu, t, spks, cond, chunk)
+    def estimate(self, x, valid, mu, t, spks, cond, chunk=0, extra=None):
+        return self.decoder(x, valid, mu, t, spks, cond, chunk, extra)
+
+
+def student_inputs(cfg: FlowConfig) -> tuple[str, ...]:
+    """The student's extra estimator inputs (``FlowConfig.student.inputs``; checked)."""
+    inputs = tuple(cfg.student.inputs)
+    bad = [n for n in inputs if n not in STUDENT_INPUTS] + [n for i, n in enumerate(inputs) if n in inputs[:i]]
+    if bad:
+        raise ConfigError(f"flow.student.inputs={list(inputs)}: {bad} not allowed; use distinct names from "
+                          f"{list(STUDENT_INPUTS)} (w: guidance rate, d: step size)")
+    if inputs and not cfg.student.enabled:
+        raise ConfigError(f"flow.student.inputs={list(inputs)} needs flow.student.enabled: true")
+    return inputs
+
+
+def student_extra(cfg: FlowConfig, rows: int, w: Array, t: Array, r: Array) -> dict | None:
+    """The student's extra inputs for ``rows`` estimator rows at time ``t`` of a step ending at
+    ``r``: guidance rate ``w``, step size ``d = r - t``; ``None`` for the official flow."""
+    vals = {"w": w, "d": r - t}
+    out = {n: jnp.broadcast_to(jnp.asarray(vals[n], jnp.float32), (rows,)) for n in student_inputs(cfg)}
+    return out or None
+
+
+def guidance_rows(cfg: FlowConfig) -> int:
+    """Estimator rows per utterance at inference: 2 (CFG) for the official flow, 1 for a student
+    (guidance folded into the network)."""
+    return 1 if cfg.student.enabled else 2
+
+
+def flow_velocity(cfg: FlowConfig, estimate, cfg_rate):
+    """The ODE velocity from ``estimate(x_rows, t, k, state)``: official CFG over 2 rows, or the
+    student's single pass."""
+    return estimate if cfg.student.enabled else cfm_lib.cfg_velocity(estimate, cfg_rate)
+
+
+def step_end(ts: Array, k: Array, t: Array, solver: str) -> Array:
+    """End time ``r`` of the solver step holding evaluation ``k`` (at time ``t``) for a
+    step-size-conditioned student: ``ts[k + 1]`` for Euler (one evaluation per step, so the Euler
+    step is the MeanFlow step ``x + (r - t) u(x, t, r)``); other solvers evaluate the instantaneous
+    velocity (``r = t``)."""
+    if solver != "euler":
+        return t
+    return ts[jnp.minimum(k + 1, ts.shape[0] - 1)]
 
 
 def init_params(cfg: FlowConfig, key: Array) -> dict:
@@ -171,18 +216,20 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     mu, valid_f = model.apply(p, tokens, valid_mask(out_len, S), enc_chunk, valid_mask(in_len, S),
                               method=model.encode)
     cond = prompt_feat * valid_mask(prompt_mel_len, F)[..., None].astype(prompt_feat.dtype)
-    # step-invariant part of the estimator input, CFG rows: conditioned, then all-zero
+    # step-invariant part of the estimator input, CFG rows: conditioned, then all-zero (a student: 1 row)
+    R = guidance_rows(cfg)
     rest = jnp.concatenate([mu, jnp.broadcast_to(spk[:, None], (B, F, spk.shape[-1])), cond], axis=-1)
-    rest2 = jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)
-    valid2 = jnp.concatenate([valid_f, valid_f], axis=0)
+    rest2 = jnp.concatenate([rest, jnp.zeros_like(rest)], axis=0)[: R * B]
+    valid2 = jnp.concatenate([valid_f, valid_f], axis=0)[: R * B]
+    ts = cfm_lib.t_span(n_timesteps, t_scheduler)
 
     def estimate(x2, t, k, state):
-        t_emb = model.apply(p, jnp.broadcast_to(t, (2 * B,)), method=model.time_embedding)
+        extra = student_extra(cfg, R * B, cfg_rate, t, step_end(ts, k, t, solver))
+        t_emb = model.apply(p, jnp.broadcast_to(t, (R * B,)), extra, method=model.time_embedding)
         h = jnp.concatenate([x2, rest2], axis=-1)
         return model.apply(p, h, valid2, t_emb, dec_chunk, method=model.estimate_features)
 
-    velocity = cfm_lib.cfg_velocity(estimate, cfg_rate)
-    ts = cfm_lib.t_span(n_timesteps, t_scheduler)
+    velocity = flow_velocity(cfg, estimate, cfg_rate)
     return cfm_lib.solve(velocity, z, ts, solver)[0]
 
 

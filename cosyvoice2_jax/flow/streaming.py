@@ -74,7 +74,7 @@ from ..layers.attention import KV, Window
 from . import cfm as cfm_lib
 from .decoder import init_decoder_cache
 from .encoder import init_encoder_cache
-from .modeling import CausalMaskedDiffWithXvec, compute_dtype
+from .modeling import CausalMaskedDiffWithXvec, compute_dtype, flow_velocity, guidance_rows, step_end, student_extra
 
 Array = jax.Array
 
@@ -141,18 +141,20 @@ def _chunk(params, tables, noise, ts, cfg_rate, caches: StreamCaches, ids, C, E,
     mu, enc = model.apply(p, ids[None], readable, caches.enc, tables, window, method=model.encode_stream)
     frames = window.scaled(r)  # the estimator's frame window (chunk: decoder.static_chunk_size)
     Wf, f0 = r * W, r * C
-    valid = jnp.broadcast_to(f0 + jnp.arange(Wf) < r * E, (2, Wf))
+    R = guidance_rows(cfg)  # CFG rows (a distilled student: 1)
+    valid = jnp.broadcast_to(f0 + jnp.arange(Wf) < r * E, (R, Wf))
     cond = lax.dynamic_slice_in_dim(caches.cond, f0, Wf, axis=0)
     z = lax.dynamic_slice_in_dim(noise, f0, Wf, axis=0)[None]
     rest = jnp.concatenate([mu[0], jnp.broadcast_to(caches.spk, (Wf, caches.spk.shape[-1])), cond], axis=-1)
-    rest2 = jnp.stack([rest, jnp.zeros_like(rest)])                      # CFG rows
+    rest2 = jnp.stack([rest, jnp.zeros_like(rest)])[:R]                  # CFG rows
 
     def estimate(x2, t, k, dec):
-        t_emb = model.apply(p, jnp.broadcast_to(t, (2,)), method=model.time_embedding)
+        extra = student_extra(cfg, R, cfg_rate, t, step_end(ts, k, t, solver))
+        t_emb = model.apply(p, jnp.broadcast_to(t, (R,)), extra, method=model.time_embedding)
         h = jnp.concatenate([x2, rest2], axis=-1)
         return model.apply(p, h, valid, t_emb, 0, dec, frames._replace(slot=(k,)), method=model.estimate_features)
 
-    x, dec = cfm_lib.solve(cfm_lib.cfg_velocity(estimate, cfg_rate), z, ts, solver, caches.dec)
+    x, dec = cfm_lib.solve(flow_velocity(cfg, estimate, cfg_rate), z, ts, solver, caches.dec)
     return caches._replace(enc=enc, dec=dec), x[0]
 
 
@@ -237,7 +239,7 @@ class FlowStreamer:
         cfg = self.cfg
         return StreamCaches(spk=spk, cond=cond,
                             enc=init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype),
-                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), 2, frames, self.dtype))
+                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), guidance_rows(cfg), frames, self.dtype))
 
     def _grow(self, caches: StreamCaches, tokens_needed: int) -> StreamCaches:
         """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit."""
