@@ -240,3 +240,30 @@ def test_checkpoint_round_trip(tmp_path, teacher_params):
     assert fa.keys() == fb.keys() and any("time_mlp_d" in k for k in fa)
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
+
+
+@pytest.mark.slow  # tiny release (oracle) + streaming compiles
+def test_student_release_loads_and_streams(tiny_release, tmp_path):
+    """A release whose flow.pt is a student: the loader reads its sampler (2 uniform steps, one
+    pass), and the loaded student streams from caches exactly as the recompute path."""
+    from cosyvoice2_jax.flow import MelGenerator
+    from cosyvoice2_jax.pipeline.loading import release_config
+    from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml
+    from cosyvoice2_jax.train.distill import export_student
+
+    src = tiny_release[0]
+    cfg = config_from_release_yaml(check_release_dir(src).yaml)
+    teacher = from_release(src / "flow.pt", cfg.flow)
+    obj_cfg = D.student_config(cfg.flow, D.DistillOptions(method="meanflow", student_steps=2))
+    student = D.student_from_teacher(teacher, redraw(modeling.abstract_params(obj_cfg), 4))
+    out = export_student(student, obj_cfg, src, tmp_path / "student")
+    with pytest.raises(ConfigError, match="exists"):
+        export_student(student, obj_cfg, src, tmp_path / "student")
+    loaded_cfg = release_config(check_release_dir(out)).flow
+    assert loaded_cfg.student == obj_cfg.student and loaded_cfg.cfm.n_timesteps == 2
+    params = from_release(out / "flow.pt", loaded_cfg)
+    gen = MelGenerator(loaded_cfg, params, max_stream_frames=400, initial_stream_frames=400)
+    inp = make_inputs(5, 20, 60)
+    pushes = [(33, False), (27, True)]
+    got = run_stream(gen.streamer(), inp, pushes)
+    assert_chunks_equal(got, recompute(params, inp, pushes, cfg=loaded_cfg), "student release")
