@@ -267,3 +267,77 @@ def test_student_release_loads_and_streams(tiny_release, tmp_path):
     pushes = [(33, False), (27, True)]
     got = run_stream(gen.streamer(), inp, pushes)
     assert_chunks_equal(got, recompute(params, inp, pushes, cfg=loaded_cfg), "student release")
+
+
+# ----------------------------------------------------------------------------- a toy student beats the teacher
+_W = np.random.default_rng(0).normal(size=(2, 2)).astype(np.float32) * 1.5
+
+
+def _toy_fields(x, t, c):
+    """Toy CFG pair in 2-D with a per-row condition ``c``: ``v_u = (1 + t) tanh(x W)``, ``v_c = v_u + c``."""
+    vu = jnp.tanh(x @ _W) * (1.0 + t)[:, None, None]
+    return vu + c, vu
+
+
+def _toy_mlp(p, x, c, t, d):
+    B, F, _ = x.shape
+    col = lambda a: jnp.broadcast_to(a[:, None, None], (B, F, 1))  # noqa: E731
+    h = jax.nn.silu(jnp.concatenate([x, c, col(t), col(d)], -1) @ p["w1"] + p["b1"])
+    h = jax.nn.silu(h @ p["w2"] + p["b2"])
+    return h @ p["w3"] + p["b3"]
+
+
+def test_toy_meanflow_student_beats_teacher_one_pass():
+    """A small MLP student (inputs x, condition, t, step size d) trained 200 steps with
+    :func:`meanflow_loss` on the toy teacher's CFG velocity (w = 0.7) gets closer to the teacher's
+    official-sampler output (10 cosine Euler steps with CFG) in 1 pass than the teacher's own 1-pass
+    (one Euler step of v_c) and 2-pass (one CFG step) samplers. Measured (seed 0): student 1 pass
+    0.116, teacher 1 pass 0.77, teacher 2 passes 0.40 (mean abs error)."""
+    import optax
+
+    B, h = 128, 64
+    opts = D.DistillOptions(method="meanflow", grid_ratio=0.5)
+    ts10 = 1.0 - jnp.cos(jnp.linspace(0.0, 1.0, 11) * jnp.pi / 2)
+
+    def v_cfg(x, t, c):
+        return D.cfg_combine(*_toy_fields(x, t, c), 0.7)
+
+    def teacher(z, c):
+        return D.euler_solve(lambda x, t: v_cfg(x, t, c), z, ts10)
+
+    def draw(key, n):
+        kz, kc = jax.random.split(key)
+        return jax.random.normal(kz, (n, 1, 2)), jax.random.normal(kc, (n, 1, 2))
+
+    k = jax.random.split(jax.random.key(1), 2)
+    p = {"w1": jax.random.normal(k[0], (6, h)) / np.sqrt(6), "b1": jnp.zeros(h),
+         "w2": jax.random.normal(k[1], (h, h)) / np.sqrt(h), "b2": jnp.zeros(h),
+         "w3": jnp.zeros((h, 2)), "b3": jnp.zeros(2)}
+    tx = optax.adam(3e-3)
+    mask = jnp.ones((B, 1), bool)
+
+    def loss(p, key):
+        kz, kt = jax.random.split(key)
+        z, c = draw(kz, B)
+        t, r = D.draw_times(kt, B, opts)
+        y = D.interpolate(z, teacher(z, c), t)
+        return D.meanflow_loss(lambda y_, t_, r_: _toy_mlp(p, y_, c, t_, r_ - t_), v_cfg(y, t, c), y, t, r, mask)
+
+    def train(p):
+        def body(i, carry):
+            p, o = carry
+            g = jax.grad(loss)(p, jax.random.fold_in(jax.random.key(100), i))
+            u, o = tx.update(g, o, p)
+            return optax.apply_updates(p, u), o
+        return jax.lax.fori_loop(0, 200, body, (p, tx.init(p)))[0]
+
+    p = jax.jit(train)(p)
+    z, c = draw(jax.random.key(999), 2000)
+    ref, zero, one = teacher(z, c), jnp.zeros(2000), jnp.ones(2000)
+    err = lambda x: float(jnp.mean(jnp.abs(x - ref)))  # noqa: E731
+    teacher_1 = err(z + _toy_fields(z, zero, c)[0])
+    teacher_2 = err(z + v_cfg(z, zero, c))
+    student_1 = err(z + _toy_mlp(p, z, c, zero, one))
+    print(f"[toy distill] teacher 1 pass {teacher_1:.3f}, 2 passes {teacher_2:.3f}, student 1 pass {student_1:.3f}")
+    assert teacher_1 > 0.7 and teacher_2 > 0.35
+    assert student_1 < 0.2 < teacher_2 / 1.5
