@@ -52,7 +52,7 @@ def batch(rng: np.random.Generator, cfg, B: int, S: int) -> dict:
 
 
 def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: int = 4, tokens: int = 20,
-        n_eval: int = 4, seed: int = 0, grid_ratio: float = 0.5, log=print) -> dict:
+        n_eval: int = 4, seed: int = 0, grid_ratio: float = 0.5, couplings: bool = False, log=print) -> dict:
     from cosyvoice2_jax.config import ModelConfig
     from cosyvoice2_jax.flow import distill as D
     from cosyvoice2_jax.flow import modeling
@@ -60,7 +60,7 @@ def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: 
 
     cfg = ModelConfig.tiny().flow
     teacher = _redraw(modeling.abstract_params(cfg), seed)
-    opts = D.DistillOptions(method=method, student_steps=1, grid_ratio=grid_ratio)
+    opts = D.DistillOptions(method=method, student_steps=1, grid_ratio=grid_ratio, teacher_couplings=couplings)
     obj = DistillObjective(cfg, opts, init_from=teacher)
     params = obj.init_params(jax.random.key(seed))
     tx = optax.multi_transform({"train": optax.adam(lr), "frozen": optax.set_to_zero()},
@@ -103,7 +103,7 @@ def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: 
             log(f"[distill {method}] step {i + 1}/{steps} loss {np.mean(losses[-20:]):.4f} "
                 f"({time.time() - t0:.0f} s)")
     after = {n: err(params["student"], student_cfg, n_timesteps=n) for n in (1, 2)}
-    out = {"method": method, "steps": steps, "lr": lr, "grid_ratio": grid_ratio, "batch": batch_size, "eval_utterances": n_eval,
+    out = {"method": method, "steps": steps, "lr": lr, "grid_ratio": grid_ratio, "teacher_couplings": couplings, "batch": batch_size, "eval_utterances": n_eval,
            "teacher_1pass": teacher_1, "teacher_2pass": teacher_2,
            "student_init_1pass": before[1], "student_init_2pass": before[2],
            "student_1pass": after[1], "student_2pass": after[2], "train_s": time.time() - t0,
@@ -118,10 +118,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--eval", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--couplings", action="store_true", help="meanflow: interpolate towards the teacher's output")
     ap.add_argument("--grid-ratio", type=float, default=0.5, help="rows drawn on the 1-/2-step grids")
     ap.add_argument("--out", type=Path, default=Path("runs/distill_tiny"))
     a = ap.parse_args(argv)
-    res = run(a.method, a.steps, a.lr, n_eval=a.eval, seed=a.seed, grid_ratio=a.grid_ratio)["result"]
+    res = run(a.method, a.steps, a.lr, n_eval=a.eval, seed=a.seed, grid_ratio=a.grid_ratio, couplings=a.couplings)["result"]
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(res, indent=2))
     print("| passes | teacher (same passes) | student before | student after |")

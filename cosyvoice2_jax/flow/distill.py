@@ -57,7 +57,9 @@ class DistillOptions:
     ``teacher_cfg_rate``: the teacher's CFG weight in the meanflow / reflow targets (official 0.7);
     ``teacher_steps``: Euler steps of the teacher's sampler for reflow couplings (cosine grid);
     ``student_steps``: the student's default sampler steps (exported with it; uniform grid, except
-    ``guidance``: the teacher's cosine grid); ``grid_ratio``, ``flow_ratio``: see the module doc.
+    ``guidance``: the teacher's cosine grid); ``grid_ratio``, ``flow_ratio``: see the module doc;
+    ``teacher_couplings`` (meanflow): interpolate towards the teacher's sampler output for the
+    row's noise (its ODE trajectory's end, as reflow) instead of the data mel.
     """
 
     method: str = "meanflow"
@@ -67,6 +69,7 @@ class DistillOptions:
     student_steps: int = 2
     grid_ratio: float = 0.5
     flow_ratio: float = 0.25
+    teacher_couplings: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -90,6 +90,10 @@ class DistillObjective:
             return sm.apply(sp, y, valid_f, mu_s, t, spk_s, cond, dec_chunk, extra, method=sm.estimate)
 
         w_t = jnp.full((B,), o.teacher_cfg_rate, jnp.float32)
+
+        def teacher_sample(z):  # the teacher's sampler (Euler, its grid, CFG teacher_cfg_rate) from z
+            ts = cfm_lib.t_span(o.teacher_steps, self.teacher_cfg.cfm.t_scheduler)
+            return jax.lax.stop_gradient(D.euler_solve(lambda x, t_: teacher_v(x, t_, w_t), z, ts))
         metrics = {"frames": jnp.sum(feat_len).astype(jnp.float32)}
         if o.method == "guidance":
             t = cfm_lib.schedule(draws["t_u"], cfg_s.cfm.t_scheduler)
@@ -98,7 +102,8 @@ class DistillObjective:
             loss = D.guidance_loss(lambda y_, t_, w_: student_v(y_, t_, {"w": w_}), teacher_v, y, t, w, valid_f)
         elif o.method == "meanflow":
             t, r = D.draw_times(kt, B, o)
-            y = D.interpolate(draws["z"], feat, t, sigma)
+            x1 = teacher_sample(draws["z"]) if o.teacher_couplings else feat
+            y = D.interpolate(draws["z"], x1, t, sigma)
             v = jax.lax.stop_gradient(teacher_v(y, t, w_t))
             loss = D.meanflow_loss(lambda y_, t_, r_: student_v(y_, t_, {"d": r_ - t_}), v, y, t, r, valid_f)
             metrics["step_frac"] = jnp.mean((r > t).astype(jnp.float32))
@@ -107,8 +112,7 @@ class DistillObjective:
                 z, x1 = batch["teacher_noise"], batch["teacher_mel"]
             else:
                 z = draws["z"]
-                ts = cfm_lib.t_span(o.teacher_steps, self.teacher_cfg.cfm.t_scheduler)
-                x1 = jax.lax.stop_gradient(D.euler_solve(lambda x, t_: teacher_v(x, t_, w_t), z, ts))
+                x1 = teacher_sample(z)
             t, _ = D.draw_times(kt, B, dataclasses.replace(o, flow_ratio=0.0))
             loss = D.reflow_loss(lambda y_, t_: student_v(y_, t_), z, x1, t, valid_f, sigma)
         return loss, metrics
