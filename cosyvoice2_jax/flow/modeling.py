@@ -18,6 +18,10 @@ Public entry points:
   tokens, so requests of similar length reuse one compiled program.
 * :func:`training_loss` - the official ``forward`` loss given explicit random draws.
 
+A distilled student (``FlowConfig.student``, ``flow/distill.py``) runs the same code with one
+estimator row per evaluation (guidance folded in; :func:`guidance_rows`, :func:`flow_velocity`)
+and its extra inputs (:func:`student_extra`: ``w`` = the CFG rate, ``d`` = the Euler step's size).
+
 ``finalize=False`` (streaming, more tokens to come): the last ``pre_lookahead_len`` tokens only
 feed the encoder's look-ahead and produce no frames (official ``context`` argument).
 """
