@@ -19,8 +19,8 @@ runs one estimator pass per evaluation (guidance folded in). Three objectives:
   ``|u - sg(v - (t - r) du/dt)|^2`` with ``v = v_w`` the teacher's CFG velocity. ``d = 0`` is
   the instantaneous velocity, so the fresh student (which ignores ``d``) is exact at ``r = t``.
 * ``reflow`` (Liu et al. 2023), the simple baseline: couplings ``(z, x1 = teacher sampler(z))``
-  computed on the fly (or read from the batch: ``teacher_noise``/``teacher_mel``, cached by
-  ``scripts/distill_cache.py``), and flow matching on the straight path between them.
+  computed on the fly inside the step (or, when the batch carries ``teacher_noise`` and
+  ``teacher_mel`` arrays, taken from it), and flow matching on the straight path between them.
 
 Times: flow time ``t`` in [0, 1] (0 = noise), ``y = (1 - (1 - sigma_min) t) z + t x1`` as in
 training (``cfm.cfm_loss``). ``grid_ratio`` of the rows draw ``(t, r)`` from the steps of the
