@@ -171,6 +171,26 @@ class CFMConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FlowStudentConfig:
+    """A distilled few-step student of the flow (``cosyvoice2_jax/flow/distill.py``).
+
+    ``enabled``: the network was distilled from a CFG teacher, so guidance is folded into it and
+    inference runs one estimator pass per evaluation (no unconditioned row), with the flow's
+    inference sampler (``FlowConfig.sampler``, else ``cfm``'s; ``steps``: the student's, 1 or 2) run
+    with guidance ``none``. ``inputs``: extra conditioning added to the time embedding through
+    zero-initialised MLPs (so a fresh student equals its teacher): ``"w"`` the guidance rate (fed
+    the sampler's ``cfg_rate``), ``"d"`` the
+    step size ``r - t`` to the step's end time (MeanFlow average velocity; 0 = instantaneous).
+    """
+
+    enabled: bool = False
+    inputs: tuple[str, ...] = ()
+
+
+STUDENT_INPUTS = ("w", "d")
+
+
+@dataclasses.dataclass(frozen=True)
 class FlowConfig:
     input_size: int = 512
     output_size: int = 80
@@ -183,6 +203,7 @@ class FlowConfig:
     decoder: FlowDecoderConfig = FlowDecoderConfig()
     cfm: CFMConfig = CFMConfig()
     dtype: str = "float32"  # compute dtype (float32 | bfloat16); params stay fp32, norms/softmax/ODE state fp32
+    student: FlowStudentConfig = FlowStudentConfig()  # distilled few-step student (default: the official flow)
     # inference sampler (flow/sampling.py SamplerConfig: grid, solver, steps, guidance). None = the
     # official sampler that cfm's n_timesteps/solver/t_scheduler/inference_cfg_rate describe (the
     # official cfm_params); a mapping replaces those inference fields, which must then keep their defaults

@@ -15,6 +15,7 @@ simulated devices and a global batch, and reports the per-device FLOPs of the pa
 named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation::
 
   python scripts/bench_train.py scale --objective lm --chips 64 --mesh -1 8 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -186,7 +187,14 @@ def scale(args):
     else:
         if args.remat != "none":
             raise SystemExit("--remat is implemented for the LM only")
-        obj, batch = FlowObjective(cfg.flow), flow_batch(rows, args.speech)
+        if args.objective.startswith("distill-"):  # few-step student + frozen teacher (train/distill.py)
+            from cosyvoice2_jax.flow.distill import DistillOptions
+            from cosyvoice2_jax.train.distill import DistillObjective
+
+            obj = DistillObjective(cfg.flow, DistillOptions(method=args.objective.split("-", 1)[1]))
+        else:
+            obj = FlowObjective(cfg.flow)
+        batch = flow_batch(rows, args.speech)
         tokens = rows * args.speech
     tx = make_optimizer(OptimConfig(lr=1e-5))
     abstract, sh = TR.abstract_state(obj, tx, mesh)
@@ -236,7 +244,8 @@ def main():
     m.add_argument("--text", type=int, default=64)
     m.add_argument("--speech", type=int, default=500)
     c = sub.add_parser("scale")
-    c.add_argument("--objective", choices=["lm", "flow"], default="lm")
+    c.add_argument("--objective", choices=["lm", "flow", "distill-guidance", "distill-meanflow", "distill-reflow"],
+                   default="lm")
     c.add_argument("--model", choices=["full", "tiny"], default="full")
     c.add_argument("--chips", type=int, default=8, help="simulated devices (the mesh size)")
     c.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))

@@ -146,6 +146,7 @@ def load_flow(model_dir: Path):
         return loaded.config, loaded.params["flow"], fold_weight_norm(loaded.params["hift"])
     paths = check_release_dir(model_dir)
     cfg = config_from_release_yaml(paths.yaml)
+    cfg = dataclasses.replace(cfg, flow=flow.config_from_release(paths.file("flow"), cfg.flow))  # a distilled student
     return (cfg, flow.from_release(paths.file("flow"), cfg.flow),
             hift.from_release(paths.file("hift"), cfg.hift, fold=True))
 

@@ -8,13 +8,13 @@ Quick use::
 
 Component contract (the same names in ``llm``, ``flow``, ``hift``, ``tokenizer``, ``speaker``):
 ``abstract_params(cfg)``, ``init_params(cfg, key)``, ``param_axes(cfg)``, ``from_release(source, cfg)``,
-``to_release(params, cfg)``, ``RELEASE_FILE`` and the runtime wrapper (here :class:`MelGenerator`).
+``to_release(params, cfg)``, ``config_from_release(source, cfg)`` (a distilled student's settings), ``RELEASE_FILE`` and the runtime wrapper (here :class:`MelGenerator`).
 """
 from .modeling import CausalMaskedDiffWithXvec, abstract_params, inference, inference_batch, init_params
-from .params import from_release, param_axes, to_release
+from .params import config_from_release, from_release, param_axes, to_release
 from .runtime import FlowPrompt, MelGenerator
 
 RELEASE_FILE = "flow.pt"
 
 __all__ = ["CausalMaskedDiffWithXvec", "FlowPrompt", "MelGenerator", "RELEASE_FILE", "abstract_params",
-           "inference", "inference_batch", "init_params", "param_axes", "from_release", "to_release"]
+           "inference", "inference_batch", "init_params", "param_axes", "config_from_release", "from_release", "to_release"]

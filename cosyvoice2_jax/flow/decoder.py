@@ -13,6 +13,12 @@ channel-last; with the release config (``channels=(256,)``)::
 Time: ``t (B,)`` -> Matcha ``SinusoidalPosEmb(320)`` -> ``time_mlp`` (Linear-SiLU-Linear, 1024)
 -> each resnet adds ``mlp_1(mish(t_emb))`` after its first block.
 
+Distilled students (``FlowConfig.student``, ``flow/distill.py``): each extra input ``name`` in
+``extra_inputs`` (``"w"`` guidance rate, ``"d"`` step size) is embedded like ``t`` by its own
+``time_mlp_{name}`` (Linear-SiLU-Linear, the second Linear zero-initialised) and added to the time
+embedding, so a fresh student computes exactly its teacher's velocity. Params
+``decoder/estimator/time_mlp_{name}/linear_{1,2}`` (torch ``decoder.estimator.time_mlp_{name}.linear_{1,2}``).
+
 Attention masks: key padding, plus the static chunk (50 frames) when streaming; ``chunk`` may be
 a ``(B,)`` array (per-example mask types). Every op is per-frame or causal except attention, so
 per-chunk caching needs only the transformer K/V of earlier chunks and 2-frame conv tails:
@@ -132,13 +138,17 @@ class BasicTransformerBlock(nn.Module):
 
 
 class TimestepEmbedding(nn.Module):
-    """``linear_2(silu(linear_1(x)))`` (float32: the time embedding keeps full precision)."""
+    """``linear_2(silu(linear_1(x)))`` (float32: the time embedding keeps full precision).
+    ``zero_out``: ``linear_2`` starts at zero (a student's extra input starts with no effect)."""
 
     dim: int
+    zero_out: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         h = jax.nn.silu(torch_linear(self.dim, name="linear_1", dtype=jnp.float32)(x))
+        if self.zero_out:
+            return nn.Dense(self.dim, name="linear_2", dtype=jnp.float32, kernel_init=nn.initializers.zeros)(h)
         return torch_linear(self.dim, name="linear_2", dtype=jnp.float32)(h)
 
 
@@ -185,6 +195,7 @@ class CausalConditionalDecoder(nn.Module):
 
     cfg: FlowDecoderConfig
     dtype: Any = jnp.float32
+    extra_inputs: tuple[str, ...] = ()  # student conditioning ("w", "d"), see the module docstring
 
     def setup(self):
         c = self.cfg
@@ -193,19 +204,30 @@ class CausalConditionalDecoder(nn.Module):
                               "(the CosyVoice 2 release uses channels=[256]); use a single channel count")
         ch = c.channels[0]
         self.time_mlp = TimestepEmbedding(ch * 4)
+        for n in self.extra_inputs:
+            setattr(self, f"time_mlp_{n}", TimestepEmbedding(ch * 4, zero_out=True))
         self.down_blocks_0 = Stage(c, ch, True, self.dtype)
         self.mid_blocks = [Stage(c, ch, False, self.dtype) for _ in range(c.num_mid_blocks)]
         self.up_blocks_0 = Stage(c, ch, True, self.dtype)
         self.final_block = CausalBlock1D(ch, self.dtype)
         self.final_proj = Conv1d(c.out_channels, 1, dtype=self.dtype)
 
-    def time_embedding(self, t: Array) -> Array:
-        """``t (B,)`` -> ``(B, 4 * channels)`` float32 (step-invariant given t: hoistable)."""
-        return self.time_mlp(sinusoidal_time_emb(t, self.cfg.in_channels))
+    def time_embedding(self, t: Array, extra: dict[str, Array] | None = None) -> Array:
+        """``t (B,)`` -> ``(B, 4 * channels)`` float32 (step-invariant given t: hoistable).
+        ``extra``: the student's inputs ``{name: (B,) or scalar}`` (every name of ``extra_inputs``)."""
+        t_emb = self.time_mlp(sinusoidal_time_emb(t, self.cfg.in_channels))
+        extra = extra or {}
+        if set(extra) != set(self.extra_inputs):
+            raise ConfigError(f"flow estimator: the student inputs are {list(self.extra_inputs)} "
+                              f"(FlowConfig.student.inputs) but {sorted(extra)} were given")
+        for n in self.extra_inputs:
+            e = jnp.broadcast_to(jnp.asarray(extra[n], jnp.float32), t.shape)
+            t_emb = t_emb + getattr(self, f"time_mlp_{n}")(sinusoidal_time_emb(e, self.cfg.in_channels))
+        return t_emb
 
     def __call__(self, x: Array, valid: Array, mu: Array, t: Array, spks: Array, cond: Array,
-                 chunk: int | Array = 0) -> Array:
-        t_emb = self.time_embedding(jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],)))
+                 chunk: int | Array = 0, extra: dict[str, Array] | None = None) -> Array:
+        t_emb = self.time_embedding(jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],)), extra)
         spk = jnp.broadcast_to(spks[:, None, :], x.shape[:2] + spks.shape[-1:])
         h = jnp.concatenate([x, mu, spk, cond], axis=-1)
         return self.forward_features(h, valid, t_emb, chunk)[0]

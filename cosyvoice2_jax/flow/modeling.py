@@ -19,6 +19,11 @@ Public entry points:
   tokens, so requests of similar length reuse one compiled program.
 * :func:`training_loss` - the official ``forward`` loss given explicit random draws.
 
+A distilled student (``FlowConfig.student``, ``flow/distill.py``) runs the same code with one
+estimator row per evaluation (its sampler's guidance is ``none``: :func:`resolve_sampler`; the
+CFG is folded in) and its extra inputs (:func:`student_extra`: ``w`` = the sampler's CFG rate,
+``d`` = the Euler step's size).
+
 ``finalize=False`` (streaming, more tokens to come): the last ``pre_lookahead_len`` tokens only
 feed the encoder's look-ahead and produce no frames (official ``context`` argument).
 """
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..config import FlowConfig, FlowTrainMasks, Solver, TScheduler
+from ..config import STUDENT_INPUTS, FlowConfig, FlowTrainMasks, Solver, TScheduler
 from ..errors import ConfigError
 from ..layers.attention import Window, torch_linear
 from ..layers.masks import valid_mask
@@ -59,13 +64,14 @@ class ConditionalCFM(nn.Module):
     cfg: FlowConfig
 
     def setup(self):
-        self.estimator = CausalConditionalDecoder(self.cfg.decoder, compute_dtype(self.cfg))
+        self.estimator = CausalConditionalDecoder(self.cfg.decoder, compute_dtype(self.cfg),
+                                                  student_inputs(self.cfg))
 
-    def __call__(self, x, valid, mu, t, spks, cond, chunk=0):
-        return self.estimator(x, valid, mu, t, spks, cond, chunk)
+    def __call__(self, x, valid, mu, t, spks, cond, chunk=0, extra=None):
+        return self.estimator(x, valid, mu, t, spks, cond, chunk, extra)
 
-    def time_embedding(self, t):
-        return self.estimator.time_embedding(t)
+    def time_embedding(self, t, extra=None):
+        return self.estimator.time_embedding(t, extra)
 
     def forward_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
         return self.estimator.forward_features(h, valid, t_emb, chunk, cache, window)
@@ -94,7 +100,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         """Touches every parameter (for ``init``): one estimator call on the encoded tokens."""
         spk = self.embed_speaker(embedding)
         mu, valid_f = self.encode(tokens, valid)
-        return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu))
+        extra = {n: jnp.zeros_like(t) for n in student_inputs(self.cfg)} or None
+        return self.decoder(x, valid_f, mu, t, spk, jnp.zeros_like(mu), 0, extra)
 
     def embed_speaker(self, embedding: Array) -> Array:
         """``(B, spk_embed_dim)`` x-vector -> ``(B, n_mels)`` float32: ``F.normalize`` (eps 1e-12)
@@ -130,16 +137,56 @@ class CausalMaskedDiffWithXvec(nn.Module):
     def pos_tables(self, tokens: int) -> dict:
         return self.encoder.pos_tables(tokens)
 
-    def time_embedding(self, t):
-        return self.decoder.time_embedding(t)
+    def time_embedding(self, t, extra=None):
+        """``t (B,)`` (+ the student's ``extra`` inputs) -> the estimator's time embedding."""
+        return self.decoder.time_embedding(t, extra)
 
     def estimate_features(self, h, valid, t_emb, chunk=0, cache=None, window=None):
         """Estimator on the packed input: ``(v (B, F, n_mels) f32, cache)`` (see
         :meth:`CausalConditionalDecoder.forward_features`)."""
         return self.decoder.forward_features(h, valid, t_emb, chunk, cache, window)
 
-    def estimate(self, x, valid, mu, t, spks, cond, chunk=0):
-        return self.decoder(x, valid, mu, t, spks, cond, chunk)
+    def estimate(self, x, valid, mu, t, spks, cond, chunk=0, extra=None):
+        return self.decoder(x, valid, mu, t, spks, cond, chunk, extra)
+
+
+def student_inputs(cfg: FlowConfig) -> tuple[str, ...]:
+    """The student's extra estimator inputs (``FlowConfig.student.inputs``; checked)."""
+    inputs = tuple(cfg.student.inputs)
+    bad = [n for n in inputs if n not in STUDENT_INPUTS] + [n for i, n in enumerate(inputs) if n in inputs[:i]]
+    if bad:
+        raise ConfigError(f"flow.student.inputs={list(inputs)}: {bad} not allowed; use distinct names from "
+                          f"{list(STUDENT_INPUTS)} (w: guidance rate, d: step size)")
+    if inputs and not cfg.student.enabled:
+        raise ConfigError(f"flow.student.inputs={list(inputs)} needs flow.student.enabled: true")
+    return inputs
+
+
+def student_extra(cfg: FlowConfig, rows: int, arrays, structure: tuple | None, t: Array, k: Array) -> dict | None:
+    """The student's extra inputs for ``rows`` estimator rows at evaluation ``k`` (time ``t``) of the
+    sampler (``structure`` / ``arrays``, flow/sampling.py): guidance rate ``w`` = the step's CFG
+    weight, step size ``d = r - t`` with ``r`` the end of the step (:func:`step_end`). ``None`` for
+    the official flow."""
+    names = student_inputs(cfg)
+    if not names:
+        return None
+    if arrays is None or structure is None:
+        raise ConfigError("flow: a distilled student (flow.student.enabled) needs the sampler's arrays and "
+                          "structure for its extra inputs; call it through inference_batch / FlowStreamer")
+    solver = structure[0]
+    vals = {"w": arrays["w"][jnp.minimum(k // sampling.stages(solver), arrays["w"].shape[0] - 1)],
+            "d": step_end(arrays["ts"], k, t, solver) - t}
+    return {n: jnp.broadcast_to(jnp.asarray(vals[n], jnp.float32), (rows,)) for n in names}
+
+
+def step_end(ts: Array, k: Array, t: Array, solver: str) -> Array:
+    """End time ``r`` of the solver step holding evaluation ``k`` (at time ``t``) for a
+    step-size-conditioned student: ``ts[k + 1]`` for Euler (one evaluation per step, so the Euler
+    step is the MeanFlow step ``x + (r - t) u(x, t, r)``); other solvers (and reference solves)
+    evaluate the instantaneous velocity (``r = t``)."""
+    if solver != "euler":
+        return t
+    return ts[jnp.minimum(k + 1, ts.shape[0] - 1)]
 
 
 def init_params(cfg: FlowConfig, key: Array) -> dict:
@@ -158,14 +205,15 @@ def abstract_params(cfg: FlowConfig) -> dict:
 
 # ----------------------------------------------------------------------------- inference core
 def packed_estimate(params, cfg: FlowConfig, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding, *,
-                    streaming: bool = False) -> "sampling.Estimate":
+                    streaming: bool = False, arrays=None, structure: tuple | None = None) -> "sampling.Estimate":
     """The offline ODE's ``estimate(x_rows, t, k, state) -> (v_rows, state)`` (flow/sampling.py
     protocol) on packed rows; call it inside a jitted function. ``tokens (B, S)`` packed
     ``prompt ++ tokens``; ``in_len (B,)`` tokens read by the encoder; ``out_len (B,)`` tokens that
     produce frames; ``prompt_mel_len (B,)``; ``prompt_feat (B, 2S, n_mels)``; ``embedding (B, 192)``.
     ``x_rows`` has ``B`` rows (no guidance) or ``2B`` (CFG: conditioned rows, then rows with
     ``mu``, speaker and prompt zeroed, as the official batch). Offline inference and
-    ``scripts/flow_study.py`` use this one set-up."""
+    ``scripts/flow_study.py`` use this one set-up. ``arrays``/``structure``: the sampler's
+    (``sampling.sample_arrays``), needed only by a distilled student (:func:`student_extra`)."""
     model = CausalMaskedDiffWithXvec(cfg)
     p = {"params": params}
     B, S = tokens.shape
@@ -183,7 +231,8 @@ def packed_estimate(params, cfg: FlowConfig, tokens, in_len, out_len, prompt_mel
 
     def estimate(x_rows, t, k, state):
         rest_r, valid_r = by_rows[x_rows.shape[0] // B]
-        t_emb = model.apply(p, jnp.broadcast_to(t, (x_rows.shape[0],)), method=model.time_embedding)
+        extra = student_extra(cfg, x_rows.shape[0], arrays, structure, t, k)
+        t_emb = model.apply(p, jnp.broadcast_to(t, (x_rows.shape[0],)), extra, method=model.time_embedding)
         h = jnp.concatenate([x_rows, rest_r], axis=-1)
         return model.apply(p, h, valid_r, t_emb, dec_chunk, method=model.estimate_features)
     return estimate
@@ -196,7 +245,7 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     ``sampling.sample_arrays`` -> mel ``(B, 2S, n_mels)``. One program per sampler ``structure``
     (solver, steps, guidance, gated); the grid and guidance weights are the traced ``arrays``."""
     estimate = packed_estimate(params, cfg, tokens, in_len, out_len, prompt_mel_len, prompt_feat, embedding,
-                               streaming=streaming)
+                               streaming=streaming, arrays=arrays, structure=structure)
     return sampling.sample_arrays(estimate, z, structure, arrays)[0]
 
 
@@ -208,7 +257,9 @@ def resolve_sampler(cfg: FlowConfig, sampler: "sampling.SamplerConfig | None" = 
                     solver: Solver | str | None = None, t_scheduler: TScheduler | str | None = None
                     ) -> "sampling.SamplerConfig":
     """The sampler of one call: ``sampler`` (default: ``cfg.inference_sampler``, the config's) with
-    the older per-call overrides ``n_timesteps``/``cfg_rate``/``solver``/``t_scheduler`` applied."""
+    the older per-call overrides ``n_timesteps``/``cfg_rate``/``solver``/``t_scheduler`` applied.
+    A distilled student (``cfg.student.enabled``) folds the guidance into the network: its sampler
+    runs with guidance ``none`` (one estimator row) and feeds ``cfg_rate`` to the student's ``w``."""
     s = cfg.inference_sampler if sampler is None else sampler
     if not isinstance(s, sampling.SamplerConfig):
         raise ConfigError(f"sampler must be a flow.sampling.SamplerConfig, got {type(s).__name__}; build one with "
@@ -218,6 +269,12 @@ def resolve_sampler(cfg: FlowConfig, sampler: "sampling.SamplerConfig | None" = 
     if over["grid"] == "linear":  # TScheduler.LINEAR is the uniform grid
         over["grid"] = "uniform"
     over = {k: v for k, v in over.items() if v is not None}
+    if cfg.student.enabled and s.guidance != "none":
+        if s.cfg_schedule or s.cfg_interval != (0.0, 1.0) or s.guidance != "cfg":
+            raise ConfigError(f"flow.student: a distilled student takes one constant guidance rate (its input w), "
+                              f"not guidance={s.guidance!r} with cfg_schedule/cfg_interval; use guidance cfg or none "
+                              "with cfg_rate")
+        over["guidance"] = "none"
     return dataclasses.replace(s, **over) if over else s
 
 

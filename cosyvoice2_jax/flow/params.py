@@ -6,15 +6,28 @@ checks that every key is used and every parameter produced with the expected sha
 (``jax.eval_shape`` of the model for the given config), ``params_util.export`` inverts it.
 Layouts: Linear ``(out, in)`` -> ``(in, out)``; Conv1d ``(out, in, k)`` -> ``(k, in, out)``;
 LayerNorm ``weight`` -> ``scale``.
+
+A distilled student (``FlowConfig.student``, ``flow/distill.py``) exports to the same format with
+these extra keys (documented here, read back by :func:`from_release` / :func:`config_from_release`):
+
+* ``decoder.estimator.time_mlp_w.linear_{1,2}.{weight,bias}``: the guidance-rate input's MLP
+  (``student.inputs`` has ``"w"``); ``time_mlp_d``: the step-size input's (``"d"``);
+* ``student.n_timesteps`` (int64 scalar): the student's default solver steps; its presence marks a
+  single-pass student (guidance folded in);
+* ``student.cosine_grid`` (int64 scalar, 0/1): the student's time grid (1: the official cosine,
+  0: uniform).
 """
 from __future__ import annotations
+
+import dataclasses
 
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from ..config import FlowConfig
+from ..config import STUDENT_INPUTS, FlowConfig, FlowStudentConfig, TScheduler
+from ..errors import ConfigError
 from ..params_util import (IDENTITY, Rule, conv1d_rules, convert, export, linear_rules, load_torch_checkpoint,
                            norm_rules)
 
@@ -54,8 +67,11 @@ def _stage(t: str, j: str, with_conv: bool) -> list[Rule]:
     return rules
 
 
-def rules() -> list[Rule]:
-    """The conversion table (flow.pt of CosyVoice2-0.5B: 1121 keys)."""
+STUDENT_MARKERS = ("student.n_timesteps", "student.cosine_grid")
+
+
+def rules(student_inputs: tuple[str, ...] = ()) -> list[Rule]:
+    """The conversion table (flow.pt of CosyVoice2-0.5B: 1121 keys; plus a student's extra MLPs)."""
     est, jest = "decoder.estimator", "decoder/estimator"
     r = [Rule("input_embedding.weight", "input_embedding/embedding", IDENTITY)]
     r += _linear("spk_embed_affine_layer", "spk_embed_affine_layer") + _linear("encoder_proj", "encoder_proj")
@@ -73,20 +89,57 @@ def rules() -> list[Rule]:
     r += _conv(f"{est}.final_block.block.0", f"{jest}/final_block/conv")
     r += _norm(f"{est}.final_block.block.2", f"{jest}/final_block/norm")
     r += _conv(f"{est}.final_proj", f"{jest}/final_proj")
+    for n in student_inputs:
+        for lin in ("linear_1", "linear_2"):
+            r += _linear(f"{est}.time_mlp_{n}.{lin}", f"{jest}/time_mlp_{n}/{lin}")
     return r
+
+
+def _inputs_in(params_or_keys) -> tuple[str, ...]:
+    text = " ".join(params_or_keys)
+    return tuple(n for n in STUDENT_INPUTS if f"time_mlp_{n}" in text)
+
+
+def config_from_release(source: str | Path | Mapping[str, np.ndarray], cfg: FlowConfig) -> FlowConfig:
+    """``cfg`` with the student settings a ``flow.pt`` carries (its extra keys, see the module
+    docstring); an official ``flow.pt`` returns ``cfg`` unchanged."""
+    sd = source if isinstance(source, Mapping) else load_torch_checkpoint(source)
+    if "student.n_timesteps" not in sd:
+        return cfg
+    cosine = bool(int(np.asarray(sd.get("student.cosine_grid", 0))))
+    cfm = dataclasses.replace(cfg.cfm, n_timesteps=int(np.asarray(sd["student.n_timesteps"])),
+                              t_scheduler=TScheduler.COSINE if cosine else TScheduler.LINEAR)
+    est = [k for k in sd if k.startswith("decoder.estimator.")]
+    return dataclasses.replace(cfg, cfm=cfm, student=FlowStudentConfig(enabled=True, inputs=_inputs_in(est)))
 
 
 def from_torch(state_dict: Mapping[str, np.ndarray], cfg: FlowConfig, what: str = "flow.pt") -> dict:
     """Official flow state dict -> params (strict: unexpected/missing/mis-shaped keys raise
     :class:`ConversionError` listing all of them)."""
-    from .modeling import abstract_params
+    from .modeling import abstract_params, student_inputs
 
-    return convert(state_dict, rules(), expected=abstract_params(cfg), what=what)
+    if any(k in state_dict for k in STUDENT_MARKERS) and not cfg.student.enabled:
+        raise ConfigError(f"{what} is a distilled flow student (it has the student.* keys) but the flow config is the "
+                          "official flow; build the config with flow.config_from_release(path, cfg) (the pipeline "
+                          "does this for a release directory)")
+    sd = {k: v for k, v in state_dict.items() if k not in STUDENT_MARKERS}
+    return convert(sd, rules(student_inputs(cfg)), expected=abstract_params(cfg), what=what)
 
 
-def to_torch(params: Mapping) -> dict[str, np.ndarray]:
-    """Params -> official flow state dict (numpy), the inverse of :func:`from_torch`."""
-    return export(params, rules(), what="flow params")
+def to_torch(params: Mapping, cfg: FlowConfig | None = None) -> dict[str, np.ndarray]:
+    """Params -> official flow state dict (numpy), the inverse of :func:`from_torch`; a student
+    (extra ``time_mlp_*`` params, ``cfg.student.enabled``) also gets the ``student.*`` keys."""
+    from ..params_util import flatten
+
+    inputs = _inputs_in(flatten(params).keys())
+    sd = export(params, rules(inputs), what="flow params")
+    if cfg is not None and cfg.student.enabled:
+        sd["student.n_timesteps"] = np.asarray(int(cfg.cfm.n_timesteps), np.int64)
+        sd["student.cosine_grid"] = np.asarray(int(TScheduler(cfg.cfm.t_scheduler) is TScheduler.COSINE), np.int64)
+    elif inputs:
+        raise ConfigError("flow params have student inputs (time_mlp_*) but no student config; "
+                          "pass the student's FlowConfig to to_release")
+    return sd
 
 
 def from_release(source: str | Path | Mapping[str, np.ndarray], cfg: FlowConfig) -> dict:
@@ -97,8 +150,9 @@ def from_release(source: str | Path | Mapping[str, np.ndarray], cfg: FlowConfig)
 
 
 def to_release(params: Mapping, cfg: FlowConfig | None = None) -> dict[str, np.ndarray]:
-    """Params -> the official ``flow.pt`` state dict (numpy); ``cfg`` is not needed (contract)."""
-    return to_torch(params)
+    """Params -> the official ``flow.pt`` state dict (numpy); ``cfg`` is needed for a distilled
+    student only (its ``student.*`` keys)."""
+    return to_torch(params, cfg)
 
 
 def param_axes(cfg: FlowConfig) -> dict:

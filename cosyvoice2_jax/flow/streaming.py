@@ -78,7 +78,7 @@ from . import cfm as cfm_lib
 from . import sampling
 from .decoder import init_decoder_cache
 from .encoder import init_encoder_cache
-from .modeling import CausalMaskedDiffWithXvec, compute_dtype, resolve_sampler
+from .modeling import CausalMaskedDiffWithXvec, compute_dtype, resolve_sampler, student_extra
 
 Array = jax.Array
 
@@ -156,7 +156,8 @@ def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_tot
     rest_r = jnp.stack([rest, jnp.zeros_like(rest)][:rows])              # CFG rows: conditioned, unconditioned
 
     def estimate(x_rows, t, k, dec):
-        t_emb = model.apply(p, jnp.broadcast_to(t, (rows,)), method=model.time_embedding)
+        extra = student_extra(cfg, rows, arrays, structure, t, k)
+        t_emb = model.apply(p, jnp.broadcast_to(t, (rows,)), extra, method=model.time_embedding)
         h = jnp.concatenate([x_rows, rest_r], axis=-1)
         return model.apply(p, h, valid, t_emb, 0, dec, frames._replace(slot=(k,)), method=model.estimate_features)
 

@@ -1,4 +1,4 @@
-"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift>.yaml [--set key=value ...]``.
+"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift|distill_*>.yaml [--set key=value ...]``.
 
 A training YAML maps onto :class:`TrainFile`: which objective, the model config (preset name or
 model YAML), the tokenizer directory, optional initial weights (a release directory or an
@@ -21,6 +21,7 @@ from typing import Sequence
 
 from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
+from ..flow.distill import DistillOptions
 from ..flow.train_options import FlowTrainOptions
 from ..layers.remat import check_remat
 from . import data as D
@@ -29,8 +30,9 @@ from .. import sharding as M
 from . import trainer as TR
 from .hift import GANConfig
 
-OBJECTIVES = ("lm", "flow", "dpo", "hift")
-_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}
+OBJECTIVES = ("lm", "flow", "dpo", "hift", "distill")
+_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "flow": "flow.pt", "hift": "hift.pt", "distill": "flow.pt"}
+_COMPONENT = {"lm": "llm", "dpo": "llm", "flow": "flow", "hift": "hift", "distill": "flow"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class TrainFile:
     train: TR.TrainConfig = TR.TrainConfig()
     gan: GANConfig = GANConfig()  # HiFT GAN only: discriminators and loss weights
     flow: FlowTrainOptions = FlowTrainOptions()  # flow only: time law, CFG drop, per-t loss weighting
+    distill: DistillOptions = DistillOptions()  # distill only: few-step student of the init_from flow (teacher)
 
 
 def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
@@ -71,7 +74,7 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
         p = p / name
     if not p.is_file():
         raise ConfigError(f"init_from: {p} does not exist (give a release directory or the {name} file)")
-    component = {"lm": "llm", "dpo": "llm", "flow": "flow", "hift": "hift"}[tf.objective]
+    component = _COMPONENT[tf.objective]
     params = importlib.import_module(f"cosyvoice2_jax.{component}").from_release(p, getattr(cfg, component))
     # HiFT: the released generator; the discriminator starts from scratch
     return {"generator": params} if tf.objective == "hift" else params
@@ -95,6 +98,10 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
         from .lm import DPOObjective
 
         return DPOObjective(cfg.llm, init_from=init, remat=tf.train.remat)
+    if tf.objective == "distill":
+        from .distill import DistillObjective
+
+        return DistillObjective(cfg.flow, tf.distill, init_from=init)
     from .flow import FlowObjective
 
     return FlowObjective(cfg.flow, tf.flow, init_from=init)
@@ -107,11 +114,11 @@ def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True
         from ..frontend.text import QwenTextTokenizer
 
         tokenize = QwenTextTokenizer.from_dir(tf.tokenizer_dir).encode
-    elif tf.objective in ("flow", "hift"):
+    elif tf.objective in ("flow", "hift", "distill"):
         tokenize = lambda t: [0]  # noqa: E731  (the flow and the vocoder do not read text)
     else:
         raise ConfigError("tokenizer_dir is required for LM/DPO training (the release's CosyVoice-BlankEN folder)")
-    data_cfg = dataclasses.replace(tf.data, need_mel=tf.objective == "flow")
+    data_cfg = dataclasses.replace(tf.data, need_mel=tf.objective in ("flow", "distill"))
     if tf.objective == "hift":
         if tf.data.truncate_length <= 0:
             raise ConfigError("HiFT GAN training needs data.truncate_length > 0 (fixed-length crops; official "
