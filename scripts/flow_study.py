@@ -178,12 +178,13 @@ def packed_inputs(cfg, utt) -> dict:
             "embedding": jnp.asarray(utt["embedding"])}
 
 
-def make_estimate(params, cfg, inputs):
+def make_estimate(params, cfg, inputs, arrays=None, structure=None):
     """``estimate(x_rows, t, k, state)`` of the offline flow (``flow.modeling.packed_estimate``, the
-    set-up ``inference_batch`` solves): rows ``[x; x]`` get ``[cond; 0]`` (CFG), rows ``x`` get ``cond``."""
+    set-up ``inference_batch`` solves): rows ``[x; x]`` get ``[cond; 0]`` (CFG), rows ``x`` get ``cond``.
+    ``arrays``/``structure``: the sampler's, read by a distilled student's extra inputs only."""
     from cosyvoice2_jax.flow.modeling import packed_estimate
 
-    est = packed_estimate(params, cfg.flow, **inputs)
+    est = packed_estimate(params, cfg.flow, **inputs, arrays=arrays, structure=structure)
     return lambda x_rows, t, k, state: (est(x_rows, t, k, None)[0], state)
 
 
@@ -331,19 +332,24 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
 
     @functools.partial(jax.jit, static_argnames=("structure",))
     def run(params, cond, z, arrays, structure):
-        return S.sample_arrays(make_estimate(params, cfg, cond), z, structure, arrays)[0]
+        return S.sample_arrays(make_estimate(params, cfg, cond, arrays, structure), z, structure, arrays)[0]
 
     @functools.partial(jax.jit, static_argnames=("structure",))
     def run_many(params, cond, z, arrays, structure):
-        est = make_estimate(params, cfg, cond)  # the encoder runs once, outside the vmap
-        one = lambda a: S.sample_arrays(est, z, structure, a)[0]  # noqa: E731
+        if cfg.flow.student.enabled:  # the student's inputs read each config's arrays
+            def one(a):
+                return S.sample_arrays(make_estimate(params, cfg, cond, a, structure), z, structure, a)[0]
+        else:
+            est = make_estimate(params, cfg, cond)  # the encoder runs once, outside the vmap
+            one = lambda a: S.sample_arrays(est, z, structure, a)[0]  # noqa: E731
         return jax.vmap(one)(arrays)
 
     ref = sweep.reference
 
     @functools.partial(jax.jit, static_argnames=("guidance", "indexed"))
     def run_ref(params, cond, z, arrays, guidance, indexed):
-        field, grid = S.reference_field(make_estimate(params, cfg, cond), guidance, arrays)
+        # a student's reference: its instantaneous velocity (step size d = 0), k = the grid step
+        field, grid = S.reference_field(make_estimate(params, cfg, cond, arrays, ("reference",)), guidance, arrays)
         return S.reference_solve(field, z, rtol=ref.rtol, atol=ref.atol, solver=ref.solver,
                                  grid=grid if indexed else None, max_steps=ref.max_steps)
 
