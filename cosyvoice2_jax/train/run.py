@@ -1,4 +1,4 @@
-"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift>.yaml [--set key=value ...]``.
+"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift|token_asr|asr_reward|msft>.yaml [--set k=v ...]``.
 
 A training YAML maps onto :class:`TrainFile`: which objective, the model config (preset name or
 model YAML), the tokenizer directory, optional initial weights (a release directory or an
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
+from ..config import PRESETS, ModelConfig, TokenASRConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
 from ..flow.train_options import FlowTrainOptions
 from ..layers.remat import check_remat
@@ -28,9 +28,12 @@ from . import distributed as DIST
 from .. import sharding as M
 from . import trainer as TR
 from .hift import GANConfig
+from .lm import ASRRewardOptions
 
-OBJECTIVES = ("lm", "flow", "dpo", "hift")
-_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "flow": "flow.pt", "hift": "hift.pt"}
+OBJECTIVES = ("lm", "flow", "dpo", "hift", "token_asr", "asr_reward")
+_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "asr_reward": "llm.pt", "flow": "flow.pt", "hift": "hift.pt",
+            "token_asr": "token_asr.npz"}
+_COMPONENT = {"lm": "llm", "dpo": "llm", "asr_reward": "llm", "flow": "flow", "hift": "hift", "token_asr": "token_asr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,8 @@ class TrainFile:
     train: TR.TrainConfig = TR.TrainConfig()
     gan: GANConfig = GANConfig()  # HiFT GAN only: discriminators and loss weights
     flow: FlowTrainOptions = FlowTrainOptions()  # flow only: time law, CFG drop, per-t loss weighting
+    token_asr: TokenASRConfig = TokenASRConfig()  # token_asr / asr_reward: the token-level ASR's shape
+    asr_reward: ASRRewardOptions = ASRRewardOptions()  # asr_reward only: frozen ASR, Gumbel temperature, weights
 
 
 def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
@@ -67,22 +72,47 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
         return None
     p = Path(tf.init_from)
     name = _WEIGHTS[tf.objective]
+    if tf.objective == "token_asr":  # token_asr.npz or a token-ASR training work directory
+        from ..token_asr import from_release
+
+        return from_release(p, token_asr_config(tf, cfg))
     if p.is_dir():
         p = p / name
     if not p.is_file():
         raise ConfigError(f"init_from: {p} does not exist (give a release directory or the {name} file)")
-    component = {"lm": "llm", "dpo": "llm", "flow": "flow", "hift": "hift"}[tf.objective]
+    component = _COMPONENT[tf.objective]
     params = importlib.import_module(f"cosyvoice2_jax.{component}").from_release(p, getattr(cfg, component))
     # HiFT: the released generator; the discriminator starts from scratch
     return {"generator": params} if tf.objective == "hift" else params
 
 
+def token_asr_config(tf: TrainFile, cfg: ModelConfig) -> TokenASRConfig:
+    """``tf.token_asr`` with ``text_vocab_size`` 0 replaced by the LM's text vocabulary."""
+    if tf.token_asr.text_vocab_size > 0:
+        return tf.token_asr
+    return dataclasses.replace(tf.token_asr, text_vocab_size=cfg.llm.qwen.vocab_size)
+
+
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     cfg = TR.precision_model_config(cfg, tf.train.precision)
     check_remat(tf.train.remat)
-    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo"):
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo", "asr_reward"):
         raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
                           f"use remat: none for {tf.objective}")
+    if tf.objective == "token_asr":
+        from .asr import TokenASRObjective
+
+        return TokenASRObjective(token_asr_config(tf, cfg), init_from=init)
+    if tf.objective == "asr_reward":
+        from ..token_asr import from_release
+        from .lm import ASRRewardObjective
+
+        if not tf.asr_reward.asr_from:
+            raise ConfigError("asr_reward.asr_from is required: the token_asr.npz or training work directory of "
+                              "configs/train/token_asr.yaml")
+        acfg = token_asr_config(tf, cfg)
+        return ASRRewardObjective(cfg.llm, acfg, from_release(tf.asr_reward.asr_from, acfg), tf.asr_reward,
+                                  init_from=init, remat=tf.train.remat)
     if tf.objective == "hift":
         from .hift import HiFTGANObjective
 
@@ -110,7 +140,7 @@ def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True
     elif tf.objective in ("flow", "hift"):
         tokenize = lambda t: [0]  # noqa: E731  (the flow and the vocoder do not read text)
     else:
-        raise ConfigError("tokenizer_dir is required for LM/DPO training (the release's CosyVoice-BlankEN folder)")
+        raise ConfigError("tokenizer_dir is required for LM, DPO and token-ASR training (the release's CosyVoice-BlankEN folder)")
     data_cfg = dataclasses.replace(tf.data, need_mel=tf.objective == "flow")
     if tf.objective == "hift":
         if tf.data.truncate_length <= 0:
