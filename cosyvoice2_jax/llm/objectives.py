@@ -292,10 +292,11 @@ def asr_reward_loss(key, logits_btv, batch: Mapping, bistream_b, asr_logits_fn, 
     """Differentiable ASR loss ``L_ASR`` (paper section 2.7): Gumbel-softmax speech tokens from the
     LM logits of the teacher-forced sequence (``lm_forward`` of the same batch and bistream choice),
     their soft FSQ codes into the frozen ASR (``asr_logits_fn(codes (B,S,k), lengths (B,)) -> CTC
-    logits``) and the CTC loss against the batch's ``text_token`` per text token.
+    logits``) and the CTC loss against the batch's ``text_token`` (after the mSFT speaker prefix,
+    ``text_prompt_len``, when present) per text token.
 
     Returns ``(loss, per_row (B,))``. Rows with ``valid_b`` False add nothing."""
-    from ..token_asr.modeling import ctc_mean_loss
+    from ..token_asr.modeling import ctc_mean_loss, spoken_text
 
     text_len, speech_len = batch["text_token_len"], batch["speech_token_len"]
     if valid_b is not None:
@@ -304,4 +305,5 @@ def asr_reward_loss(key, logits_btv, batch: Mapping, bistream_b, asr_logits_fn, 
     codes = sampled_speech_codes(key, logits_btv, text_len, speech_len, bistream_b, s_out, speech_token_size,
                                  mix_ratio, temperature, straight_through, fsq_dim, fsq_levels)
     logits = asr_logits_fn(codes, speech_len)
-    return ctc_mean_loss(logits, speech_len, batch["text_token"], text_len, blank_id, valid_b)
+    labels, label_len = spoken_text(batch["text_token"], text_len, batch.get("text_prompt_len"))
+    return ctc_mean_loss(logits, speech_len, labels, label_len, blank_id, valid_b)

@@ -6,7 +6,7 @@ Component contract (as ``llm``, ``flow``, ``tokenizer``...): ``abstract_params(c
 ``RELEASE_FILE``, ``config_from_release(path, base)`` and the runtime wrapper
 (:class:`TokenRecognizer`). Trained by ``cosyvoice2-jax train --config configs/train/token_asr.yaml``.
 """
-from .modeling import TokenASR, ctc_greedy, ctc_loss, ctc_mean_loss
+from .modeling import TokenASR, ctc_greedy, ctc_loss, ctc_mean_loss, spoken_text
 from .params import (abstract_params, config_from_release, from_release, init_params, param_axes, save_release,
                      to_release)
 from .runtime import TokenRecognizer
@@ -14,4 +14,5 @@ from .runtime import TokenRecognizer
 RELEASE_FILE = "token_asr.npz"
 
 __all__ = ["RELEASE_FILE", "TokenASR", "TokenRecognizer", "abstract_params", "config_from_release", "ctc_greedy",
-           "ctc_loss", "ctc_mean_loss", "from_release", "init_params", "param_axes", "save_release", "to_release"]
+           "ctc_loss", "ctc_mean_loss", "from_release", "init_params", "param_axes", "save_release", "spoken_text",
+           "to_release"]

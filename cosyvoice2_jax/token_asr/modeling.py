@@ -82,6 +82,15 @@ def ctc_mean_loss(logits_bsv, lengths_b, labels_bl, label_lengths_b, blank_id: i
     return jnp.sum(jnp.where(valid, per_row, 0.0)) / n, per_row
 
 
+def spoken_text(text_bl, text_len_b, prompt_len_b=None):
+    """ASR targets of a training batch: the text tokens after the mSFT speaker prefix
+    (``text_prompt_len``, see ``train/data.py``), left-aligned. Returns ``(labels (B, L), lengths (B,))``."""
+    if prompt_len_b is None:
+        return text_bl, text_len_b
+    idx = jnp.minimum(jnp.arange(text_bl.shape[1])[None, :] + prompt_len_b[:, None], text_bl.shape[1] - 1)
+    return jnp.take_along_axis(text_bl, idx, axis=1), jnp.maximum(text_len_b - prompt_len_b, 0)
+
+
 def ctc_greedy(logits_bsv, lengths_b, blank_id: int) -> list[list[int]]:
     """Best-path decoding (host side): argmax per frame, repeats merged, blanks dropped."""
     import numpy as np

@@ -31,7 +31,7 @@ CONFIG_KEY = "__config__"
 def init_params(cfg: TokenASRConfig, key) -> dict:
     """Random params of :class:`TokenASR` for ``cfg``."""
     ids = jnp.zeros((1, 8), jnp.int32)
-    return TokenASR(cfg).init(key, ids, jnp.full((1,), 8, jnp.int32))["params"]
+    return jax.jit(lambda k: TokenASR(cfg).init(k, ids, jnp.full((1,), 8, jnp.int32))["params"])(key)
 
 
 def abstract_params(cfg: TokenASRConfig) -> dict:

@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from ..config import TokenASRConfig
-from ..token_asr.modeling import TokenASR, ctc_mean_loss
+from ..token_asr.modeling import TokenASR, ctc_mean_loss, spoken_text
 from ..token_asr.params import init_params, param_axes
 
 
@@ -38,7 +38,8 @@ class TokenASRObjective:
         speech_len = jnp.where(valid, batch["speech_token_len"], 0)
         text_len = jnp.where(valid, batch["text_token_len"], 0)
         logits = self.model.apply({"params": params}, batch["speech_token"], speech_len)
-        loss, _ = ctc_mean_loss(logits, speech_len, batch["text_token"], text_len, self.cfg.blank_id, valid)
+        labels, label_len = spoken_text(batch["text_token"], text_len, batch.get("text_prompt_len"))
+        loss, _ = ctc_mean_loss(logits, speech_len, labels, label_len, self.cfg.blank_id, valid)
         # frame accuracy proxy: share of valid frames whose best class is blank (CTC's usual early state)
         mask = jnp.arange(logits.shape[1])[None, :] < speech_len[:, None]
         blank = jnp.sum((jnp.argmax(logits, -1) == self.cfg.blank_id) & mask) / jnp.maximum(jnp.sum(mask), 1)
