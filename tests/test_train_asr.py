@@ -153,6 +153,31 @@ def test_asr_reward_objective_trains_only_the_policy(toy):
     assert moved > 1e-4
 
 
+def test_token_asr_objective_loss(toy):
+    """The token-ASR objective is the per-text-token CTC of the valid rows after the mSFT prefix: a
+    padding row and a speaker prefix change nothing."""
+    from cosyvoice2_jax.train.asr import TokenASRObjective
+
+    _, asr = toy
+    obj = TokenASRObjective(ASR)
+    rng = np.random.default_rng(2)
+    speech = jnp.asarray(rng.integers(0, 6561, (3, 20)))
+    text = jnp.asarray(rng.integers(0, 64, (3, 8)))
+    plain = {"speech_token": speech, "speech_token_len": jnp.array([20, 11, 5]), "text_token": text,
+             "text_token_len": jnp.array([5, 3, 4]), "valid": jnp.array([True, True, False]),
+             "text_prompt_len": jnp.array([0, 0, 0])}
+    prefixed = dict(plain, text_token=jnp.concatenate([jnp.full((3, 2), 7), text[:, :6]], 1),
+                    text_token_len=plain["text_token_len"] + 2, text_prompt_len=jnp.array([2, 2, 2]),
+                    speech_token=plain["speech_token"].at[2].set(99))
+    f = jax.jit(obj.loss_fn)
+    (l1, m1), (l2, _) = f(asr, plain, jax.random.key(0)), f(asr, prefixed, jax.random.key(0))
+    np.testing.assert_allclose(float(l1), float(l2), rtol=1e-6)
+    per_row = jax.jit(lambda p: TA.ctc_loss(TA.TokenASR(ASR).apply({"params": p}, speech[:2], jnp.array([20, 11])),
+                                            jnp.array([20, 11]), text[:2], jnp.array([5, 3]), ASR.blank_id))(asr)
+    np.testing.assert_allclose(float(l1), float(per_row.sum()) / 8, rtol=1e-5)
+    assert 0.0 <= float(m1["blank_frac"]) <= 1.0
+
+
 def test_spoken_text_drops_speaker_prefix():
     text = jnp.array([[7, 8, 1, 2, 3, 0], [7, 9, 4, 0, 0, 0]])
     labels, n = TA.spoken_text(text, jnp.array([5, 3]), jnp.array([2, 2]))
