@@ -103,6 +103,7 @@ def test_release_roundtrip_and_strict(params, tmp_path):
     assert set(jax.tree.leaves(TA.param_axes(CFG), is_leaf=lambda x: isinstance(x, tuple))) >= {("embed", "mlp")}
 
 
+@pytest.mark.slow  # compile-heavy on the 2-core CI; run with -m slow
 def test_runtime_greedy_and_buckets(params):
     rec = TA.TokenRecognizer(params, CFG, token_bucket=16, max_batch=4)
     rows = [[1, 2, 3], list(range(20)), [7] * 9]

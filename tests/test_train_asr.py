@@ -153,6 +153,7 @@ def test_asr_reward_objective_trains_only_the_policy(toy):
     assert moved > 1e-4
 
 
+@pytest.mark.slow  # compile-heavy on the 2-core CI; run with -m slow
 def test_token_asr_objective_loss(toy):
     """The token-ASR objective is the per-text-token CTC of the valid rows after the mSFT prefix: a
     padding row and a speaker prefix change nothing."""
