@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wetext", action="store_true", help="rules only, even if wetext is installed")
     p.set_defaults(func=cmd_normalize)
 
-    p = sub.add_parser("train", help="train the LM, flow, HiFT-GAN or DPO objective from a training YAML",
+    p = sub.add_parser("train", help="train from a training YAML (LM, flow, HiFT-GAN, DPO, token ASR, ASR reward, mSFT)",
                        description="Train from a YAML in configs/train/ (its header shows the launch command). "
                                    "Re-running the same command resumes from the latest checkpoint.")
     p.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/lm.yaml")
