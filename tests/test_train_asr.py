@@ -75,6 +75,58 @@ def test_speech_positions_follow_the_lm_layout():
     np.testing.assert_array_equal(np.asarray(gathered), np.asarray(b["speech_token"]))
 
 
+def _logit_loss_fn(asr_params, straight_through: bool):
+    """``L_ASR`` as a function of the LM's speech logits (the LM itself left out: fast)."""
+    b = _batch()
+    bi = jnp.array([True, False])
+    asr = TA.TokenASR(ASR)
+
+    def asr_fn(codes, n):
+        return asr.apply({"params": asr_params}, codes, n, method=TA.TokenASR.from_codes)
+
+    def f(logits, tau):
+        loss, _ = asr_reward_loss(jax.random.PRNGKey(9), logits, b, bi, asr_fn, speech_token_size=6561,
+                                  temperature=tau, straight_through=straight_through, valid_b=b["valid"],
+                                  blank_id=ASR.blank_id)
+        return loss
+
+    return f
+
+
+def _directional_check(vg, x, tau, eps, weighted: bool):
+    """Analytic vs central finite-difference derivative of ``vg``'s value along a random unit direction."""
+    loss, grads = vg(x, tau)
+    # random; ``weighted``: towards the coordinates that matter (a plain random direction in a
+    # 500k-dim logit space is nearly orthogonal to the sparse gradient)
+    d = jax.tree.map(lambda v, g: jax.random.normal(jax.random.PRNGKey(v.size % 97), v.shape)
+                     * ((jnp.abs(g) + 1e-3 * jnp.mean(jnp.abs(g))) if weighted else 1.0), x, grads)
+    norm = jnp.sqrt(sum(jnp.sum(v * v) for v in jax.tree.leaves(d)))
+    d = jax.tree.map(lambda v: v / norm, d)
+    plus, _ = vg(jax.tree.map(lambda p, v: p + eps * v, x, d), tau)
+    minus, _ = vg(jax.tree.map(lambda p, v: p - eps * v, x, d), tau)
+    fd = (float(plus) - float(minus)) / (2 * eps)
+    ad = float(sum(jnp.sum(g * v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d))))
+    assert np.isfinite(float(loss)) and abs(ad) > 1e-3
+    np.testing.assert_allclose(ad, fd, rtol=2e-2)
+    return grads
+
+
+def test_asr_reward_gradient_and_temperature_limit_on_logits(toy):
+    """The ASR loss is differentiable in the LM's speech logits (finite differences, relaxed path)
+    and the relaxed loss tends to the hard (straight-through forward) loss as the temperature -> 0.
+    (Through the LM backbone itself: the slow test below.)"""
+    _, asr = toy
+    logits = 2.0 * jax.random.normal(jax.random.PRNGKey(3), (2, 38, 6564))
+    vg = jax.jit(jax.value_and_grad(_logit_loss_fn(asr, straight_through=False)))
+    grads = _directional_check(vg, logits, 0.5, 1e-2, weighted=True)
+    # only the codebook ids (not eos / specials) and only speech target positions get gradient
+    assert float(jnp.abs(grads[..., 6561:]).max()) == 0.0 and float(jnp.abs(grads[0, 0]).max()) == 0.0
+    hard = float(jax.jit(_logit_loss_fn(asr, True))(logits, 1.0))
+    gaps = [abs(float(vg(logits, t)[0]) - hard) for t in (3.0, 1e-3, 1e-4)]
+    assert gaps[0] > 1e-2, gaps  # the two paths differ at a high temperature
+    assert max(gaps[1:]) < 1e-3 * max(1.0, abs(hard)), gaps
+
+
 def _loss_fn(asr_params, straight_through: bool):
     b = _batch()
     bi = jnp.array([True, False])
@@ -96,29 +148,19 @@ def _loss_fn(asr_params, straight_through: bool):
     return f
 
 
-def test_asr_reward_gradient_and_temperature_limit(toy):
-    """Gradients reach the LM (directional finite difference of the relaxed path), and the relaxed
-    loss tends to the hard (straight-through forward) loss as the temperature goes to 0."""
+@pytest.mark.slow  # compiles the toy LM forward + backward (~20 s CPU); run with -m slow
+def test_asr_reward_gradient_reaches_lm_finite_differences(toy):
+    """Through the whole toy LM: the directional derivative of L_ASR along a random direction in
+    the LM params equals the finite difference, the backbone gets gradient, and the relaxed loss
+    tends to the hard one as the temperature -> 0."""
     lm, asr = toy
     vg = jax.jit(jax.value_and_grad(_loss_fn(asr, straight_through=False)))
-    loss, grads = vg(lm, 0.5)
-    d = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(x.size % 97), x.shape), lm)
-    norm = jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(d)))
-    d = jax.tree.map(lambda x: x / norm, d)
-    eps = 1e-2
-    plus, _ = vg(jax.tree.map(lambda p, v: p + eps * v, lm, d), 0.5)
-    minus, _ = vg(jax.tree.map(lambda p, v: p - eps * v, lm, d), 0.5)
-    fd = (float(plus) - float(minus)) / (2 * eps)
-    ad = float(sum(jnp.sum(g * v) for g, v in zip(jax.tree.leaves(grads), jax.tree.leaves(d))))
-    assert np.isfinite(float(loss)) and abs(ad) > 1e-3
-    np.testing.assert_allclose(ad, fd, rtol=2e-2)
-    # the gradient reaches the backbone, not only the speech head
+    grads = _directional_check(vg, lm, 0.5, 1e-2, weighted=False)
     layer = grads["llm"]["model"]["model"]["layers_0"]
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(layer)) > 0
-    # temperature -> 0: relaxed -> hard
     hard = float(jax.jit(_loss_fn(asr, True))(lm, 1.0))
     gaps = [abs(float(vg(lm, t)[0]) - hard) for t in (3.0, 1e-3, 1e-4)]
-    assert gaps[0] > 1e-2, gaps  # the two paths differ at a high temperature
+    assert gaps[0] > 1e-2, gaps
     assert max(gaps[1:]) < 1e-3 * max(1.0, abs(hard)), gaps
 
 
