@@ -35,8 +35,13 @@ def _batch():
 
 
 @pytest.fixture(scope="module")
-def toy():
-    return jax.jit(lambda k: lm_init(LM, k))(jax.random.PRNGKey(0)), TA.init_params(ASR, jax.random.PRNGKey(1))
+def asr_params():
+    return TA.init_params(ASR, jax.random.PRNGKey(1))
+
+
+@pytest.fixture(scope="module")
+def toy(asr_params):
+    return jax.jit(lambda k: lm_init(LM, k))(jax.random.PRNGKey(0)), asr_params
 
 
 def test_gumbel_softmax_limits():
@@ -111,11 +116,11 @@ def _directional_check(vg, x, tau, eps, weighted: bool):
     return grads
 
 
-def test_asr_reward_gradient_and_temperature_limit_on_logits(toy):
+def test_asr_reward_gradient_and_temperature_limit_on_logits(asr_params):
     """The ASR loss is differentiable in the LM's speech logits (finite differences, relaxed path)
     and the relaxed loss tends to the hard (straight-through forward) loss as the temperature -> 0.
     (Through the LM backbone itself: the slow test below.)"""
-    _, asr = toy
+    asr = asr_params
     logits = 2.0 * jax.random.normal(jax.random.PRNGKey(3), (2, 38, 6564))
     vg = jax.jit(jax.value_and_grad(_logit_loss_fn(asr, straight_through=False)))
     grads = _directional_check(vg, logits, 0.5, 1e-2, weighted=True)
@@ -196,12 +201,12 @@ def test_asr_reward_objective_trains_only_the_policy(toy):
 
 
 @pytest.mark.slow  # compile-heavy on the 2-core CI; run with -m slow
-def test_token_asr_objective_loss(toy):
+def test_token_asr_objective_loss(asr_params):
     """The token-ASR objective is the per-text-token CTC of the valid rows after the mSFT prefix: a
     padding row and a speaker prefix change nothing."""
     from cosyvoice2_jax.train.asr import TokenASRObjective
 
-    _, asr = toy
+    asr = asr_params
     obj = TokenASRObjective(ASR)
     rng = np.random.default_rng(2)
     speech = jnp.asarray(rng.integers(0, 6561, (3, 20)))
