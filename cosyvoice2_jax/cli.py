@@ -156,6 +156,8 @@ def _check_synth_args(args) -> list[tuple[int, str]]:
         if not any(getattr(args, k) for k in req.split("|")):
             flags = " or ".join("--" + k.replace("_", "-") for k in req.split("|"))
             raise ConfigError(f"--mode {args.mode} needs {flags}")
+    if getattr(args, "speaker_tag", None) is not None and args.mode not in ("sft", "zero_shot"):
+        raise ConfigError(f"--speaker-tag applies to --mode sft and zero_shot, not {args.mode}")
     if args.mode != "vc":
         if (args.text is None) == (args.text_file is None):
             raise ConfigError(f"--mode {args.mode} needs exactly one of --text or --text-file")
@@ -257,13 +259,14 @@ def cmd_synth(args) -> int:
     for (_, text), path in tqdm(list(zip(texts, paths)), disable=len(texts) < 2 or args.quiet, unit="line"):
         kw = dict(stream=args.stream, speed=args.speed)
         if args.mode == "zero_shot":
-            gen = tts.inference_zero_shot(text, args.prompt_text or "", prompt, args.spk_id or "", text_frontend=tf, **kw)
+            gen = tts.inference_zero_shot(text, args.prompt_text or "", prompt, args.spk_id or "", text_frontend=tf,
+                                          speaker_tag=args.speaker_tag, **kw)
         elif args.mode == "cross_lingual":
             gen = tts.inference_cross_lingual(text, prompt, args.spk_id or "", text_frontend=tf, **kw)
         elif args.mode == "instruct2":
             gen = tts.inference_instruct2(text, args.instruct_text, prompt, args.spk_id or "", text_frontend=tf, **kw)
         elif args.mode == "sft":
-            gen = tts.inference_sft(text, args.spk_id, text_frontend=tf, **kw)
+            gen = tts.inference_sft(text, args.spk_id, text_frontend=tf, speaker_tag=args.speaker_tag, **kw)
         else:
             gen = tts.inference_vc(source, prompt, **kw)
         # per-segment progress for one long --text (a --text-file shows per-line progress instead)
@@ -414,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-text", help="transcript of --prompt-wav (zero_shot)")
     p.add_argument("--instruct-text", help="instruction (instruct2)")
     p.add_argument("--spk-id", help="speaker id (sft; or a saved zero-shot speaker)")
+    p.add_argument("--speaker-tag", help="sft/zero_shot with an mSFT model (configs/train/msft.yaml): LM prefix "
+                                         "'Speaker <tag><|endofprompt|>' ('' = unknown)")
     p.add_argument("--source-wav", help="speech to convert (vc)")
     p.add_argument("--stream", action="store_true", help="stream: write audio chunks as they are produced")
     p.add_argument("--speed", type=float, default=1.0, help="speaking rate > 0 (non-streaming only; default 1.0)")
@@ -466,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-wetext", action="store_true", help="rules only, even if wetext is installed")
     p.set_defaults(func=cmd_normalize)
 
-    p = sub.add_parser("train", help="train the LM, flow, HiFT-GAN or DPO objective from a training YAML",
+    p = sub.add_parser("train", help="train from a training YAML (LM, flow, HiFT-GAN, DPO, token ASR, ASR reward, mSFT)",
                        description="Train from a YAML in configs/train/ (its header shows the launch command). "
                                    "Re-running the same command resumes from the latest checkpoint.")
     p.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/lm.yaml")

@@ -310,6 +310,36 @@ class SpeakerConfig:
     bn_eps: float = 1e-5
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenASRConfig:
+    """Token-level ASR (``cosyvoice2_jax.token_asr``): speech tokens -> text, CTC over the text vocabulary.
+
+    Not part of a release: it is trained here (``configs/train/token_asr.yaml``) and read frozen by
+    the differentiable ASR reward (paper section 2.7). Tokens enter as their FSQ code vectors
+    (``fsq_dim`` values in {-1, 0, 1}), projected up to ``d_model`` (the paper's ``Proj_up``), then
+    ``n_layers`` S3-tokenizer encoder blocks (attention with RoPE + FSMN memory) and a CTC head of
+    ``text_vocab_size + 1`` classes (blank = ``text_vocab_size``). ``text_vocab_size`` 0 = the LM's
+    text vocabulary (``llm.qwen.vocab_size``), filled in by the trainer.
+    """
+
+    text_vocab_size: int = 0
+    d_model: int = 512
+    n_heads: int = 8
+    n_layers: int = 6
+    fsmn_kernel_size: int = 31
+    rope_theta: float = 10000.0
+    fsq_dim: int = 8
+    fsq_levels: int = 3
+
+    @property
+    def codebook_size(self) -> int:
+        return self.fsq_levels**self.fsq_dim
+
+    @property
+    def blank_id(self) -> int:
+        return self.text_vocab_size
+
+
 # ----------------------------------------------------------------------------------- features / streaming
 @dataclasses.dataclass(frozen=True)
 class MelConfig:

@@ -37,6 +37,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["config", "--set", "flow.nope=1"], "unknown config key 'flow.nope'"),
         (["config", "--preset", "huge"], "unknown preset"),
         (["normalize", "hi", "--tokenizer-dir", str(tmp_path)], "not a Qwen2 tokenizer directory"),
+        (["synth", "--model-dir", str(tmp_path), "--mode", "cross_lingual", "--prompt-wav", "p.wav", "--text", "hi",
+          "--speaker-tag", "A", "--out", str(tmp_path / "o.wav")], "--speaker-tag applies to --mode sft and zero_shot"),
     ]:
         assert cli.main(argv) == 2
         err = capsys.readouterr().err.strip()

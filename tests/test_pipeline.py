@@ -264,3 +264,24 @@ def test_sampler_cached_stream_equals_recompute(loaded, sampler):
     assert len(a) == len(b) >= 3
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-4)
+
+
+def test_speaker_tag_prefix(tts, prompt):
+    """mSFT (paper section 2.8): speaker_tag puts the tokens of "Speaker <tag><|endofprompt|>" in the
+    LM prompt text, as the official instruct path puts an instruction (tests/test_msft.py checks
+    these ids against the official tokenizer); zero_shot keeps its prompt text and speech after it."""
+    from cosyvoice2_jax.frontend.text import speaker_prompt
+
+    enc = tts.text_tokenizer.encode
+    assert tts._inputs(SynthesisRequest("sft", "Hello there.", spk_id="spk_a"))[0].prompt_text == []
+    for tag in ("A", ""):
+        mi = tts._inputs(SynthesisRequest("sft", "Hello there.", spk_id="spk_a", speaker_tag=tag))[0]
+        assert mi.prompt_text == enc(speaker_prompt(tag)) and list(mi.text) == enc("Hello there.")
+    ins = tts._inputs(SynthesisRequest("instruct2", "Hello there.", prompt, instruct_text="Speaker A<|endofprompt|>"))
+    assert ins[0].prompt_text == enc(speaker_prompt("A"))
+    zs = tts._inputs(SynthesisRequest("zero_shot", "Hello there.", prompt, "The prompt text.", speaker_tag="B"))[0]
+    plain = tts._inputs(SynthesisRequest("zero_shot", "Hello there.", prompt, "The prompt text."))[0]
+    assert zs.prompt_text == enc("Speaker B<|endofprompt|>") + list(plain.prompt_text)
+    np.testing.assert_array_equal(zs.llm_prompt_speech, plain.llm_prompt_speech)
+    with pytest.raises(ModeError, match="speaker_tag"):
+        tts._inputs(SynthesisRequest("cross_lingual", "Hello there.", prompt, speaker_tag="B"))

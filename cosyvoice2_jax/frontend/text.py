@@ -132,6 +132,22 @@ _ONLY_PUNCT = regex.compile(r"^[\p{P}\p{S}]*$")
 _INVISIBLE = regex.compile(r"[\s\p{Cf}]*")
 
 
+ENDOFPROMPT = "<|endofprompt|>"
+UNKNOWN_SPEAKER = "unknown"
+
+
+def speaker_prompt(label: str | None) -> str:
+    """The multi-speaker fine-tuning (mSFT) prefix of the LM text (paper section 2.8):
+    ``"Speaker A<|endofprompt|>"`` for the label ``"A"``, ``"unknown<|endofprompt|>"`` when the
+    label is missing or blank. Its tokens go before the text, where the official instruct path puts
+    the instruction (``frontend_instruct2``: ``prompt_text`` = the tokens of the instruction, which
+    the LM reads before the text tokens)."""
+    label = "" if label is None else str(label).strip()
+    if ENDOFPROMPT in label:
+        raise TextError(f"speaker label {label!r} must not contain {ENDOFPROMPT}")
+    return (f"Speaker {label}" if label else UNKNOWN_SPEAKER) + ENDOFPROMPT
+
+
 def is_blank(text: str) -> bool:
     """True for text made only of whitespace and invisible format characters (zero-width space,
     joiners, word joiner, byte-order mark ...): nothing to speak."""

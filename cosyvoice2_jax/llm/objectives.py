@@ -1,4 +1,5 @@
-"""Training objectives of the CosyVoice 2 LM: sequence assembly, cross entropy, DPO.
+"""Training objectives of the CosyVoice 2 LM: sequence assembly, cross entropy, DPO, the
+differentiable ASR reward (Gumbel-softmax speech tokens through a frozen token ASR).
 
 Official code: ``cosyvoice/llm/llm.py`` (``Qwen2LM.prepare_lm_input_target``, ``forward``,
 ``forward_dpo``), ``cosyvoice/transformer/label_smoothing_loss.py`` and ``DPOLoss``
@@ -237,3 +238,72 @@ def dpo_losses(chosen, rejected, ref_chosen, ref_rejected, beta: float = 0.01, l
                   - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
     return losses, jax.lax.stop_gradient(beta * (chosen - ref_chosen)), \
         jax.lax.stop_gradient(beta * (rejected - ref_rejected))
+
+
+# ----------------------------------------------------------------------------------- differentiable ASR reward
+def gumbel_softmax(key, logits, temperature: float = 1.0, straight_through: bool = True):
+    """A Gumbel-softmax sample of ``softmax(logits)`` over the last axis.
+
+    Relaxed: ``y = softmax((logits + g) / temperature)`` with ``g ~ Gumbel(0, 1)`` drawn from
+    ``key``; as ``temperature -> 0`` it tends to the one-hot of ``argmax(logits + g)``, an exact
+    sample of the categorical (Gumbel-max). ``straight_through``: the forward value is that one-hot
+    and the gradient is the relaxed sample's (``hard + y - stop_gradient(y)``).
+    """
+    g = jax.random.gumbel(key, logits.shape, jnp.float32)
+    y = jax.nn.softmax((logits.astype(jnp.float32) + g) / temperature, axis=-1)
+    if not straight_through:
+        return y
+    hard = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1], dtype=y.dtype)
+    return hard + y - jax.lax.stop_gradient(y)
+
+
+def speech_target_positions(text_len_b, speech_len_b, bistream_b, t_out: int, s_out: int, speech_token_size: int,
+                            mix_ratio=(5, 15)):
+    """(B, T, S) float one-hot: sequence position ``t`` predicts speech token ``s`` (the layout of
+    :func:`sequence_layout`; eos, fill and ignored positions map to nothing)."""
+    _, _, _, is_speech, idx, _ = sequence_layout(text_len_b, speech_len_b, bistream_b, t_out, speech_token_size,
+                                                 mix_ratio)
+    hit = is_speech[..., None] & (idx[..., None] == jnp.arange(s_out)[None, None, :])
+    return hit.astype(jnp.float32)
+
+
+def sampled_speech_codes(key, logits_btv, text_len_b, speech_len_b, bistream_b, s_out: int, speech_token_size: int,
+                         mix_ratio=(5, 15), temperature: float = 1.0, straight_through: bool = True,
+                         fsq_dim: int = 8, fsq_levels: int = 3):
+    """The LM's speech-token distribution at every speech target position -> a Gumbel-softmax sample
+    over the ``speech_token_size`` FSQ ids (eos and specials excluded) -> its soft FSQ code vector
+    (``fsq_soft_decode``), put in speech order: ``(B, S, fsq_dim)``, differentiable in the logits.
+
+    Teacher forcing as in LM training: position ``i``'s distribution is conditioned on the
+    reference tokens before it (one parallel forward), the paper's ``P(mu_i | mu_{1:i-1}, Y)``.
+    """
+    from ..tokenizer.fsq import fsq_soft_decode
+
+    y = gumbel_softmax(key, logits_btv[..., :speech_token_size], temperature, straight_through)
+    codes_btk = fsq_soft_decode(y, fsq_dim, fsq_levels)
+    where = speech_target_positions(text_len_b, speech_len_b, bistream_b, logits_btv.shape[1], s_out,
+                                    speech_token_size, mix_ratio)
+    return jnp.einsum("bts,btk->bsk", where, codes_btk)
+
+
+def asr_reward_loss(key, logits_btv, batch: Mapping, bistream_b, asr_logits_fn, *, speech_token_size: int,
+                    mix_ratio=(5, 15), temperature: float = 1.0, straight_through: bool = True, valid_b=None,
+                    blank_id: int, fsq_dim: int = 8, fsq_levels: int = 3):
+    """Differentiable ASR loss ``L_ASR`` (paper section 2.7): Gumbel-softmax speech tokens from the
+    LM logits of the teacher-forced sequence (``lm_forward`` of the same batch and bistream choice),
+    their soft FSQ codes into the frozen ASR (``asr_logits_fn(codes (B,S,k), lengths (B,)) -> CTC
+    logits``) and the CTC loss against the batch's ``text_token`` (after the mSFT speaker prefix,
+    ``text_prompt_len``, when present) per text token.
+
+    Returns ``(loss, per_row (B,))``. Rows with ``valid_b`` False add nothing."""
+    from ..token_asr.modeling import ctc_mean_loss, spoken_text
+
+    text_len, speech_len = batch["text_token_len"], batch["speech_token_len"]
+    if valid_b is not None:
+        text_len, speech_len = jnp.where(valid_b, text_len, 0), jnp.where(valid_b, speech_len, 0)
+    s_out = batch["speech_token"].shape[1]
+    codes = sampled_speech_codes(key, logits_btv, text_len, speech_len, bistream_b, s_out, speech_token_size,
+                                 mix_ratio, temperature, straight_through, fsq_dim, fsq_levels)
+    logits = asr_logits_fn(codes, speech_len)
+    labels, label_len = spoken_text(batch["text_token"], text_len, batch.get("text_prompt_len"))
+    return ctc_mean_loss(logits, speech_len, labels, label_len, blank_id, valid_b)

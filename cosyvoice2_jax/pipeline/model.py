@@ -44,7 +44,7 @@ import numpy as np
 
 from ..config import ModelConfig, StreamingConfig
 from ..errors import ConfigError, CosyVoiceError, InputWarning, TextError
-from ..frontend.text import QwenTextTokenizer, TextFrontend, is_blank
+from ..frontend.text import QwenTextTokenizer, TextFrontend, is_blank, speaker_prompt
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
 from ..flow.runtime import FlowPrompt
 from ..flow.sampling import SamplerConfig
@@ -100,6 +100,7 @@ class SynthesisRequest:
     speed: float = 1.0
     text_frontend: bool = True
     key: Any = None
+    speaker_tag: Optional[str] = None  # sft / zero_shot: mSFT prefix "Speaker <tag><|endofprompt|>" ("" -> unknown)
 
 
 def _greedy_host(eos: int):
@@ -326,6 +327,8 @@ class CosyVoice2:
         if m not in MODES:
             raise ModeError(f"unknown mode {m!r}; choose {', '.join(MODES)}")
         check_speed(r.speed)
+        if r.speaker_tag is not None and m not in ("sft", "zero_shot"):
+            raise ModeError(f"speaker_tag (the multi-speaker fine-tuning prefix) applies to sft and zero_shot, not {m}")
         none = np.zeros((0,), np.int32)
         if m == "vc":
             if r.source_wav is None or r.prompt_wav is None:
@@ -364,6 +367,8 @@ class CosyVoice2:
             elif m == "instruct2":
                 instr = r.instruct_text if ENDOFPROMPT in r.instruct_text else r.instruct_text + ENDOFPROMPT
                 ptext = self.text_tokenizer.encode(instr)
+        if r.speaker_tag is not None:  # mSFT: the speaker prefix before the (prompt) text, as in training
+            ptext = self.text_tokenizer.encode(speaker_prompt(r.speaker_tag)) + list(ptext)
         return [ModelInput(self._encode(seg), ptext, speech, flow) for seg in segs]
 
     def _run(self, r: SynthesisRequest, stream: bool) -> Iterator[dict]:
@@ -372,18 +377,20 @@ class CosyVoice2:
             yield from self.tts(mi, stream=stream, speed=r.speed, key=jax.random.fold_in(key, i))
 
     def inference_sft(self, tts_text, spk_id: str, stream: bool = False, speed: float = 1.0,
-                      text_frontend: bool = True, key=None) -> Iterator[dict]:
-        """A built-in speaker (``spk2info.pt``) reads ``tts_text``."""
+                      text_frontend: bool = True, key=None, speaker_tag: Optional[str] = None) -> Iterator[dict]:
+        """A built-in speaker (``spk2info.pt``) reads ``tts_text``. ``speaker_tag``: a model fine-tuned with
+        multi-speaker SFT (configs/train/msft.yaml) gets the prefix ``"Speaker <tag><|endofprompt|>"``."""
         return self._run(SynthesisRequest("sft", tts_text, spk_id=spk_id, speed=speed, text_frontend=text_frontend,
-                                          key=key), stream)
+                                          key=key, speaker_tag=speaker_tag), stream)
 
     def inference_zero_shot(self, tts_text, prompt_text: str, prompt_speech_16k=None, zero_shot_spk_id: str = "",
                             stream: bool = False, speed: float = 1.0, text_frontend: bool = True,
-                            key=None) -> Iterator[dict]:
-        """Clone the prompt speaker: ``prompt_text`` is the transcript of ``prompt_speech_16k``."""
+                            key=None, speaker_tag: Optional[str] = None) -> Iterator[dict]:
+        """Clone the prompt speaker: ``prompt_text`` is the transcript of ``prompt_speech_16k``.
+        ``speaker_tag``: the mSFT prefix before the prompt text (see :meth:`inference_sft`)."""
         return self._run(SynthesisRequest("zero_shot", tts_text, prompt_speech_16k, prompt_text,
                                           spk_id=zero_shot_spk_id, speed=speed, text_frontend=text_frontend,
-                                          key=key), stream)
+                                          key=key, speaker_tag=speaker_tag), stream)
 
     def inference_cross_lingual(self, tts_text, prompt_speech_16k=None, zero_shot_spk_id: str = "",
                                 stream: bool = False, speed: float = 1.0, text_frontend: bool = True,

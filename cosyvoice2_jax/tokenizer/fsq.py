@@ -53,6 +53,20 @@ def fsq_decode(index, dim: int = 8, levels: int = 3, dtype=jnp.float32):
     return (digits - levels // 2).astype(dtype)
 
 
+def fsq_soft_decode(probs, dim: int = 8, levels: int = 3):
+    """Expected code vector of a distribution over the ``levels**dim`` ids: (..., V) -> (..., dim).
+
+    ``probs @ C`` with ``C[v] = fsq_decode(v)``; for a one-hot row it is exactly
+    :func:`fsq_decode` of that id, so a relaxed (Gumbel-softmax) sample of speech tokens gets a
+    differentiable FSQ embedding (the differentiable ASR reward, paper section 2.7).
+    """
+    n = levels**dim
+    if probs.shape[-1] != n:
+        raise ValueError(f"fsq_soft_decode: last axis must hold the {n} FSQ ids, got {probs.shape[-1]}")
+    table = fsq_decode(jnp.arange(n), dim, levels, dtype=probs.dtype)
+    return probs @ table
+
+
 class FSQCodebook(nn.Module):
     """``project_down`` (D -> dim) followed by :func:`fsq_quantize`.
 

@@ -6,6 +6,12 @@ per line in a ``data.list`` file, with columns ``utt``, ``audio_data`` (encoded 
 25 Hz) and optionally ``instruct`` and ``reject_speech_token`` (DPO). ``wav`` (a path) may be
 present and is ignored.
 
+Multi-speaker fine-tuning (``speaker_prompt: true``, ``configs/train/msft.yaml``; paper section
+2.8): the text tokens of every row start with the tokens of ``"Speaker <label><|endofprompt|>"``
+(:func:`cosyvoice2_jax.frontend.text.speaker_prompt`), the label read from the column
+``speaker_column`` (``spk`` by default); rows without the column or with an empty label get
+``"unknown<|endofprompt|>"``. The batch then also holds ``text_prompt_len`` (B,), the prefix length.
+
 Pipeline, and why it is shaped this way:
 
 1. :class:`ParquetSource` gives random access to rows across shards (row-group reads, cached).
@@ -84,6 +90,9 @@ class DataConfig:
     # ... zero-padded to a multiple of this many samples (official HEAD compute_fbank num_frames: 960)
     align_samples: int = 0
     hop_size: int = 480  # samples per mel frame at 24 kHz
+    # multi-speaker fine-tuning: prefix the text with "Speaker <label><|endofprompt|>" (module docstring)
+    speaker_prompt: bool = False
+    speaker_column: str = "spk"
 
 
 FEATURES = ("pitch",)
@@ -354,10 +363,18 @@ class Collate:
         cfg = self.cfg
         row = self.source[i]
         text_token = np.asarray(self.tokenize(row["text"]), np.int32)
+        prompt = None
+        if cfg.speaker_prompt:
+            from ..frontend.text import speaker_prompt
+
+            prompt = np.asarray(self.tokenize(speaker_prompt(row.get(cfg.speaker_column))), np.int32)
+            text_token = np.concatenate([prompt, text_token])
         if not cfg.token_min_length <= len(text_token) <= min(cfg.token_max_length, max(cfg.text_buckets)):
             return None  # official text-length filter; keeps the text bucket shapes bounded
         tok = np.asarray(row["speech_token"], np.int32)
         out = {"text_token": text_token, "speech_token": tok}
+        if prompt is not None:
+            out["text_prompt_len"] = len(prompt)
         emb = np.asarray(row["spk_embedding" if cfg.use_spk_embedding else "utt_embedding"], np.float32)
         out["embedding"] = _unit(emb) if cfg.normalize_embedding else emb
         if cfg.need_mel or cfg.need_wav:
@@ -401,6 +418,8 @@ class Collate:
             batch["speech_feat_len"] = np.zeros((B,), np.int32)
             if "pitch" in cfg.features:
                 batch["pitch_feat"] = np.zeros((B, T * cfg.token_mel_ratio), np.float32)
+        if cfg.speaker_prompt:
+            batch["text_prompt_len"] = np.zeros((B,), np.int32)
         if any("reject_speech_token" in x for x in real):
             batch["reject_speech_token"] = np.zeros((B, T), np.int32)
             batch["reject_speech_token_len"] = np.zeros((B,), np.int32)
@@ -414,6 +433,8 @@ class Collate:
             batch["speech_token_len"][b] = min(ls, T)
             batch["embedding"][b, : x["embedding"].shape[0]] = x["embedding"]
             batch["valid"][b] = True
+            if "text_prompt_len" in x:
+                batch["text_prompt_len"][b] = min(x["text_prompt_len"], L)
             if cfg.need_mel:
                 f = x["speech_feat"]
                 batch["speech_feat"][b, : f.shape[0]] = f

@@ -1,4 +1,5 @@
-"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift|distill_*>.yaml [--set key=value ...]``.
+"""``cosyvoice2-jax train --config configs/train/<lm|flow|dpo|hift|distill_*|token_asr|asr_reward|msft>.yaml
+[--set key=value ...]``.
 
 A training YAML maps onto :class:`TrainFile`: which objective, the model config (preset name or
 model YAML), the tokenizer directory, optional initial weights (a release directory or an
@@ -19,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..config import PRESETS, ModelConfig, apply_overrides, load_yaml, to_dict
+from ..config import PRESETS, ModelConfig, TokenASRConfig, apply_overrides, load_yaml, to_dict
 from ..errors import ConfigError
 from ..flow.distill import DistillOptions
 from ..flow.train_options import FlowTrainOptions
@@ -29,10 +30,13 @@ from . import distributed as DIST
 from .. import sharding as M
 from . import trainer as TR
 from .hift import GANConfig
+from .lm import ASRRewardOptions
 
-OBJECTIVES = ("lm", "flow", "dpo", "hift", "distill")
-_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "flow": "flow.pt", "hift": "hift.pt", "distill": "flow.pt"}
-_COMPONENT = {"lm": "llm", "dpo": "llm", "flow": "flow", "hift": "hift", "distill": "flow"}
+OBJECTIVES = ("lm", "flow", "dpo", "hift", "distill", "token_asr", "asr_reward")
+_WEIGHTS = {"lm": "llm.pt", "dpo": "llm.pt", "asr_reward": "llm.pt", "flow": "flow.pt", "hift": "hift.pt",
+            "distill": "flow.pt", "token_asr": "token_asr.npz"}
+_COMPONENT = {"lm": "llm", "dpo": "llm", "asr_reward": "llm", "flow": "flow", "hift": "hift", "distill": "flow",
+              "token_asr": "token_asr"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,8 @@ class TrainFile:
     gan: GANConfig = GANConfig()  # HiFT GAN only: discriminators and loss weights
     flow: FlowTrainOptions = FlowTrainOptions()  # flow only: time law, CFG drop, per-t loss weighting
     distill: DistillOptions = DistillOptions()  # distill only: few-step student of the init_from flow (teacher)
+    token_asr: TokenASRConfig = TokenASRConfig()  # token_asr / asr_reward: the token-level ASR's shape
+    asr_reward: ASRRewardOptions = ASRRewardOptions()  # asr_reward only: frozen ASR, Gumbel temperature, weights
 
 
 def load_train_file(path: str | Path, overrides: Sequence[str] = ()) -> TrainFile:
@@ -70,6 +76,10 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
         return None
     p = Path(tf.init_from)
     name = _WEIGHTS[tf.objective]
+    if tf.objective == "token_asr":  # token_asr.npz or a token-ASR training work directory
+        from ..token_asr import from_release
+
+        return from_release(p, token_asr_config(tf, cfg))
     if p.is_dir():
         p = p / name
     if not p.is_file():
@@ -80,12 +90,33 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
     return {"generator": params} if tf.objective == "hift" else params
 
 
+def token_asr_config(tf: TrainFile, cfg: ModelConfig) -> TokenASRConfig:
+    """``tf.token_asr`` with ``text_vocab_size`` 0 replaced by the LM's text vocabulary."""
+    if tf.token_asr.text_vocab_size > 0:
+        return tf.token_asr
+    return dataclasses.replace(tf.token_asr, text_vocab_size=cfg.llm.qwen.vocab_size)
+
+
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     cfg = TR.precision_model_config(cfg, tf.train.precision)
     check_remat(tf.train.remat)
-    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo"):
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo", "asr_reward"):
         raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
                           f"use remat: none for {tf.objective}")
+    if tf.objective == "token_asr":
+        from .asr import TokenASRObjective
+
+        return TokenASRObjective(token_asr_config(tf, cfg), init_from=init)
+    if tf.objective == "asr_reward":
+        from ..token_asr import from_release
+        from .lm import ASRRewardObjective
+
+        if not tf.asr_reward.asr_from:
+            raise ConfigError("asr_reward.asr_from is required: the token_asr.npz or training work directory of "
+                              "configs/train/token_asr.yaml")
+        acfg = token_asr_config(tf, cfg)
+        return ASRRewardObjective(cfg.llm, acfg, from_release(tf.asr_reward.asr_from, acfg), tf.asr_reward,
+                                  init_from=init, remat=tf.train.remat)
     if tf.objective == "hift":
         from .hift import HiFTGANObjective
 
@@ -117,7 +148,7 @@ def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True
     elif tf.objective in ("flow", "hift", "distill"):
         tokenize = lambda t: [0]  # noqa: E731  (the flow and the vocoder do not read text)
     else:
-        raise ConfigError("tokenizer_dir is required for LM/DPO training (the release's CosyVoice-BlankEN folder)")
+        raise ConfigError("tokenizer_dir is required for LM, DPO and token-ASR training (the release's CosyVoice-BlankEN folder)")
     data_cfg = dataclasses.replace(tf.data, need_mel=tf.objective in ("flow", "distill"))
     if tf.objective == "hift":
         if tf.data.truncate_length <= 0:
