@@ -192,7 +192,7 @@ plt.show()
 # `hift.pt` (no PyTorch needed), copies the ONNX files, YAML and tokenizer, and the result loads like any release.
 
 # %%
-from cosyvoice2_jax.params_util import flatten, load_torch_checkpoint
+from cosyvoice2_jax.params_util import load_torch_checkpoint
 from cosyvoice2_jax.pipeline.loading import convert_release, export_release, read_converted
 
 converted = convert_release(MODEL_DIR, OUT / "converted", overwrite=True)
