@@ -73,7 +73,7 @@ print("components:", list(params))
 
 # %% [markdown]
 # ## The parameter trees
-# Plain nested dicts named after the official PyTorch modules (`params_util.flatten` joins the path with dots).
+# Plain nested dicts named after the official PyTorch modules (`params_util.flatten` joins the path with `/`).
 
 # %%
 import jax
@@ -91,15 +91,17 @@ for k in list(flat["flow"])[:8]:
 # top-level modules of each component, by size
 fig, axes = plt.subplots(1, len(COMPONENTS), figsize=(17, 3.8), constrained_layout=True)
 for ax, c in zip(axes, COMPONENTS):
+    parts = [k.split("/") for k in flat[c]]
+    depth = next((i for i in range(min(map(len, parts))) if len({p[i] for p in parts}) > 1), 0)  # skip the common prefix
     by_mod = Counter()
-    for k, v in flat[c].items():
-        by_mod[k.split(".")[0]] += int(np.prod(np.shape(v)))
+    for p, v in zip(parts, flat[c].values()):
+        by_mod["/".join(p[: depth + 1])] += int(np.prod(np.shape(v)))
     names, sizes = zip(*by_mod.most_common(6))
     ax.barh(range(len(names)), np.asarray(sizes) / 1e6)
-    ax.set_yticks(range(len(names)), [n[:22] for n in names], fontsize=7)
+    ax.set_yticks(range(len(names)), [n[-28:] for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set(title=f"{c} ({counts[c] / 1e6:.2f} M)", xlabel="parameters (millions)")
-fig.suptitle("Largest top-level modules per component (this release)")
+fig.suptitle("Largest modules per component (first level below the common prefix; this release)")
 plt.show()
 
 # %% [markdown]

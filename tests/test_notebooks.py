@@ -23,8 +23,8 @@ from oracle_client import oracle_python
 
 NOTEBOOKS = REPO / "notebooks"
 # (name, slow): the non-slow ones run in CI; see the README for their run times
-CASES = [("01_quickstart", True), ("02_flow_matching", True), ("03_streaming", False), ("04_training", True),
-         ("05_weights", True)]
+CASES = [("01_quickstart", True), ("02_flow_matching", True), ("03_streaming", True), ("04_training", True),
+         ("05_weights", False)]
 
 
 def _need(module: str):
