@@ -122,7 +122,7 @@ def lm_overrides(steps):
     return [f"model={MODEL_YAML}", f"tokenizer_dir={MODEL_DIR / 'CosyVoice-BlankEN'}", f"init_from={MODEL_DIR}",
             f"data.data_list={PARQUET / 'data.list'}", "data.max_frames_in_batch=4000", f"train.steps={steps}",
             "train.log_every=10", f"train.save_every={LM_STEPS // 2}", f"train.workdir={OUT / 'runs' / 'lm'}",
-            "train.optim.lr=1e-3", "train.optim.accum_grad=1"]
+            "train.optim.lr=1.0e-3", "train.optim.accum_grad=1"]
 
 
 cmd = [sys.executable, "-m", "cosyvoice2_jax.cli", "train", "--config", str(REPO / "configs" / "train" / "lm.yaml"),
@@ -154,7 +154,7 @@ print(f"resumed to step {int(lm_out['state']['step'])} in {time.perf_counter() -
 # %%
 flow_overrides = [f"model={MODEL_YAML}", f"init_from={MODEL_DIR}", f"data.data_list={PARQUET / 'data.list'}",
                   "data.max_frames_in_batch=4000", f"train.steps={FLOW_STEPS}", "train.log_every=10",
-                  f"train.save_every={FLOW_STEPS}", f"train.workdir={OUT / 'runs' / 'flow'}", "train.optim.lr=1e-3",
+                  f"train.save_every={FLOW_STEPS}", f"train.workdir={OUT / 'runs' / 'flow'}", "train.optim.lr=1.0e-3",
                   "train.optim.accum_grad=1"]
 t0 = time.perf_counter()
 flow_out = train_run(REPO / "configs" / "train" / "flow.yaml", flow_overrides, progress=False)
