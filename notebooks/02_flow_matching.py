@@ -79,7 +79,7 @@ a0.set(title=f"Time grids ({STEPS} steps)", xlabel="step index i", ylabel="flow 
 a0.legend(fontsize=8)
 a0.grid(alpha=0.3)
 a1.set_yticks(range(len(grids)), list(grids))
-a1.set(title="Where the steps fall", xlabel="flow time t (dimensionless)")
+a1.set(title="Where the steps fall", xlabel="flow time t (dimensionless)", ylabel="time grid")
 a1.grid(axis="x", alpha=0.3)
 plt.show()
 

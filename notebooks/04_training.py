@@ -108,7 +108,8 @@ print("speech tokens per utterance in shard 0:", lens)
 # ## 3. Fine-tune the LM with the CLI
 # `configs/train/lm.yaml` with overrides: the release's model config (written as a model YAML), its
 # tokenizer, `init_from` the release, our data, a toy schedule. A re-run of the same command resumes from the
-# latest checkpoint in `train.workdir`; here the first run stops at half the steps.
+# latest checkpoint in `train.workdir`; here the first run stops at half the steps. The mesh uses every device
+# (`train.mesh.data: -1`), so batches are rounded to a multiple of the device count (`data.batch_multiple`).
 
 # %%
 from cosyvoice2_jax.pipeline.loading import release_config
@@ -120,7 +121,8 @@ release_config(check_release_dir(MODEL_DIR)).to_yaml(MODEL_YAML)
 
 def lm_overrides(steps):
     return [f"model={MODEL_YAML}", f"tokenizer_dir={MODEL_DIR / 'CosyVoice-BlankEN'}", f"init_from={MODEL_DIR}",
-            f"data.data_list={PARQUET / 'data.list'}", "data.max_frames_in_batch=4000", f"train.steps={steps}",
+            f"data.data_list={PARQUET / 'data.list'}", "data.max_frames_in_batch=4000",
+            f"data.batch_multiple={jax.device_count()}", f"train.steps={steps}",
             "train.log_every=10", f"train.save_every={LM_STEPS // 2}", f"train.workdir={OUT / 'runs' / 'lm'}",
             "train.optim.lr=1.0e-3", "train.optim.accum_grad=1"]
 
@@ -153,7 +155,8 @@ print(f"resumed to step {int(lm_out['state']['step'])} in {time.perf_counter() -
 
 # %%
 flow_overrides = [f"model={MODEL_YAML}", f"init_from={MODEL_DIR}", f"data.data_list={PARQUET / 'data.list'}",
-                  "data.max_frames_in_batch=4000", f"train.steps={FLOW_STEPS}", "train.log_every=10",
+                  "data.max_frames_in_batch=4000", f"data.batch_multiple={jax.device_count()}",
+                  f"train.steps={FLOW_STEPS}", "train.log_every=10",
                   f"train.save_every={FLOW_STEPS}", f"train.workdir={OUT / 'runs' / 'flow'}", "train.optim.lr=1.0e-3",
                   "train.optim.accum_grad=1"]
 t0 = time.perf_counter()
