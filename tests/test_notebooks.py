@@ -6,7 +6,19 @@ Each notebook builds its own tiny random-weight release with ``scripts/make_rand
 (a kernel spec written into the temporary folder), so the test runs in a fresh venv without
 ``ipykernel install``. A cell that raises fails the test with the cell and its traceback.
 
-The longest notebooks are marked ``slow``; measured run times are in the README (Notebooks).
+Measured on the shared 2-core development machine while 6-7 other jobs ran (1-minute load average
+12-23, so wall times are 3-5x those of an idle 2-core CI machine; CPU = user + system seconds of
+the kernel and its subprocesses, the better guide to CI time):
+
+| notebook | set | wall (s) | load | CPU (s) |
+|---|---|---|---|---|
+| 01_quickstart | slow | 758 | 12-16 | ~230 |
+| 02_flow_matching | slow | 587 | 18-21 | 158 |
+| 03_streaming | slow | 346 | 17-19 | 105 |
+| 04_training | slow | TIME04 | LOAD04 | CPU04 |
+| 05_weights | CI | 126 (135 under pytest) | 16-23 | 32 |
+
+About half of 05_weights is building the release with the official modules (16 s on an idle machine).
 """
 from __future__ import annotations
 
