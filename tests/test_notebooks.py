@@ -15,10 +15,13 @@ the kernel and its subprocesses, the better guide to CI time):
 | 01_quickstart | slow | 758 | 12-16 | ~230 |
 | 02_flow_matching | slow | 587 | 18-21 | 158 |
 | 03_streaming | slow | 346 | 17-19 | 105 |
-| 04_training | slow | TIME04 | LOAD04 | CPU04 |
+| 04_training | slow | > 1700 (see below) | 20-40 | - |
 | 05_weights | CI | 126 (135 under pytest) | 16-23 | 32 |
 
 About half of 05_weights is building the release with the official modules (16 s on an idle machine).
+04_training at load 20-40: release 51 s, synthesis of the 8 utterances 347 s, parquet 81 s, LM 100 steps
+through the CLI then resumed to 200 in the kernel (0.28 steps/s), the flow's first steps compile one program
+per batch shape (minutes each at that load).
 """
 from __future__ import annotations
 
