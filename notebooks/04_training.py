@@ -43,7 +43,7 @@ OUT = Path(os.environ.get("COSYVOICE2_NOTEBOOK_OUT", REPO / "notebooks" / "out")
 OUT.mkdir(parents=True, exist_ok=True)
 
 MODEL_DIR = None  # e.g. REPO / "pretrained_models" / "CosyVoice2-0.5B" for the real weights
-LM_STEPS, FLOW_STEPS = 200, 100  # optimizer steps (toy scale: minutes on a CPU)
+LM_STEPS, FLOW_STEPS = 200, 20  # optimizer steps (toy scale; a flow step on these 3-18 s utterances costs seconds on a CPU)
 
 if MODEL_DIR is None:
     sys.path.insert(0, str(REPO / "scripts"))

@@ -20,8 +20,9 @@ the kernel and its subprocesses, the better guide to CI time):
 
 About half of 05_weights is building the release with the official modules (16 s on an idle machine).
 04_training at load 20-40: release 51 s, synthesis of the 8 utterances 347 s, parquet 81 s, LM 100 steps
-through the CLI then resumed to 200 in the kernel (0.28 steps/s), the flow's first steps compile one program
-per batch shape (minutes each at that load).
+through the CLI then resumed to 200 in the kernel (0.28 steps/s); flow steps on these 3-18 s utterances took
+~36 s each at that load (one program per batch shape), so the notebook runs 20 flow steps. That run was stopped
+at flow step 13 for the deadline: the flow, loss-curve, export and reload cells of 04 are not yet verified.
 """
 from __future__ import annotations
 
