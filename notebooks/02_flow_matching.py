@@ -87,7 +87,7 @@ plt.show()
 # ## The flow, its conditioning and an `estimate` function
 # `scripts/flow_study.py` has the pieces: the flow and HiFT weights of a release (`load_flow`), random
 # utterances (prompt tokens + prompt mel + x-vector + tokens, `make_utterances`), the step-invariant
-# conditioning (`conditioning`) and the estimator in the sampling protocol
+# packed inputs (`packed_inputs`: prompt ++ tokens, prompt mel, x-vector) and the estimator in the sampling protocol
 # `estimate(x_rows, t, k, state) -> (v_rows, state)` (`make_estimate`; CFG stacks `[conditioned; unconditioned]` rows).
 
 # %%
@@ -96,9 +96,10 @@ from cosyvoice2_jax.flow import cfm
 
 cfg, flow_params, hift_params = FS.load_flow(MODEL_DIR)
 utt = FS.make_utterances(FS.Utterances(count=1, prompt_tokens=25, tokens=50, seed=0), cfg)
-cond = FS.conditioning(flow_params, cfg, utt)
-estimate = FS.make_estimate(flow_params, cfg, cond)
-B, F = cond["rest"].shape[:2]
+cond = FS.packed_inputs(cfg, utt)
+estimate = FS.make_estimate(flow_params, cfg, cond)  # the encoder runs here, once
+B, n_tok = cond["tokens"].shape
+F = cfg.flow.token_mel_ratio * n_tok
 N0 = int(utt["prompt_frames"])  # prompt frames: the generated mel starts after them
 z = cfm.initial_noise("official", B, F, cfg.flow.output_size)  # the release's fixed noise, as the official
 print(f"{B} utterance, {F} mel frames ({N0} prompt frames), {cfg.flow.output_size} mel bins")
@@ -180,7 +181,8 @@ product:
 """)
 sweep = FS.load_sweep(SWEEP)
 t0 = time.perf_counter()
-rows = FS.run_study(MODEL_DIR, sweep, vmap=True, progress=False, loaded=(cfg, flow_params, hift_params))
+rows = FS.run_study(MODEL_DIR, sweep, vmap=True, progress=False, loaded=(cfg, flow_params, hift_params),
+                  perceptual=[])  # perceptual columns (DNSMOS, WER) mean little on random weights
 print(f"{len(rows)} samplers in {time.perf_counter() - t0:.1f} s")
 (OUT / "study").mkdir(exist_ok=True)
 FS.write_outputs(OUT / "study", rows, {"model": MODEL_DIR.name})  # results.csv, results.json, pareto.png

@@ -58,6 +58,9 @@ def test_batch_equals_single_rows(params):
         assert 2 * len(r.text) <= len(toks) <= (r.max_len or 20 * len(r.text))
         assert all(0 <= t < CFG.speech_token_size for t in toks)
     assert batch != ras.generate(reqs, jax.random.split(jax.random.PRNGKey(4), 4))
+    # new-style typed keys (jax.random.key) are the same keys: one or one per row
+    assert ras.generate(reqs, jax.random.split(jax.random.key(3), 4)) == batch
+    assert ras.generate(reqs, jax.random.key(5)) == ras.generate(reqs, jax.random.PRNGKey(5))
 
 
 def test_no_recompile_within_bucket(params):

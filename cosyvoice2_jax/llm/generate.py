@@ -232,6 +232,8 @@ class LMGenerator:
             speech[i, :len(r.prompt_speech)] = r.prompt_speech
         if self.sampling == "ras" and key is None:
             raise GenerationError("sampling='ras' needs a PRNG key: generate(requests, key=jax.random.PRNGKey(0))")
+        if key is not None and jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+            key = jax.random.key_data(key)  # new-style typed keys (jax.random.key) -> raw uint32 keys
         if key is None:
             keys = jnp.zeros((b, 2), jnp.uint32)
         elif jnp.ndim(key) == 2:  # one key per row: a row's result does not depend on the batch
