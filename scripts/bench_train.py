@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -184,9 +185,7 @@ def scale(args):
         obj, batch = LMObjective(cfg.llm, remat=args.remat), lm_batch(rows, args.text, args.speech)
         tokens = rows * (args.text + args.speech)
     else:
-        if args.remat != "none":
-            raise SystemExit("--remat is implemented for the LM only")
-        obj, batch = FlowObjective(cfg.flow), flow_batch(rows, args.speech)
+        obj, batch = FlowObjective(cfg.flow, remat=args.remat), flow_batch(rows, args.speech)
         tokens = rows * args.speech
     tx = make_optimizer(OptimConfig(lr=1e-5))
     abstract, sh = TR.abstract_state(obj, tx, mesh)
@@ -209,6 +208,7 @@ def scale(args):
            "chips": mesh.size,
            "mesh": dict(mesh.shape), "global_rows": rows, "text": args.text, "speech": args.speech,
            "params": n_params, "tokens_per_step": tokens, "compile_s": round(compile_s, 1),
+           "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
            "flops_per_step_per_chip": flops_dev, "flops_per_step": flops_dev * mesh.size,
            "flops_per_token_per_param": round(flops_dev * mesh.size / tokens / n_params, 2),
            "memory_per_chip_gib": {"arguments": round(ma.argument_size_in_bytes / gib, 3),
@@ -245,7 +245,7 @@ def main():
     c.add_argument("--speech", type=int, default=500)
     c.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     c.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none",
-                   help="LM per-layer remat policy (layers/remat.py)")
+                   help="remat policy (layers/remat.py): per LM decoder layer / per flow U-Net stage")
     c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
     args = ap.parse_args()
     {"speed": speed, "memory": memory, "scale": scale}[args.what](args)

@@ -80,8 +80,8 @@ def _init_params(tf: TrainFile, cfg: ModelConfig):
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     cfg = TR.precision_model_config(cfg, tf.train.precision)
     check_remat(tf.train.remat)
-    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo"):
-        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo", "flow"):
+        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM, DPO and flow objectives only; "
                           f"use remat: none for {tf.objective}")
     if tf.objective == "hift":
         from .hift import HiFTGANObjective
@@ -97,7 +97,7 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
         return DPOObjective(cfg.llm, init_from=init, remat=tf.train.remat)
     from .flow import FlowObjective
 
-    return FlowObjective(cfg.flow, tf.flow, init_from=init)
+    return FlowObjective(cfg.flow, tf.flow, init_from=init, remat=tf.train.remat)
 
 
 def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:
