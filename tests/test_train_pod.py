@@ -193,7 +193,8 @@ def _recipe_argv(recipe: str, config, workdir, lst, tok, port: int, i: int, npro
     it = iter(src)
     for a in it:
         if a == "--config":
-            argv += [a, str(config)], next(it)
+            next(it)
+            argv += [a, str(config)]
         elif a == "--coordinator":
             assert next(it).startswith("127.0.0.1:")
             argv += [a, f"127.0.0.1:{port}"] if nproc > 1 else []
@@ -223,6 +224,7 @@ def test_readme_recipes_are_one_command():
     local = _recipe_argv("local", Path("c"), Path("w"), Path("l"), Path("t"), 9, 1, 2)
     assert [a for a in same if a != "--distributed"] == local[:-6]
     assert local[-6:] == ["--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "1"]
+    assert local[:3] == ["train", "--config", "c"] and all(isinstance(a, str) for a in local)
     for k in ("data.batch_multiple=8", "train.mesh.data=-1", "train.mesh.fsdp=2"):
         assert all(k in v for v in r.values()), k
 
