@@ -12,9 +12,11 @@ samples; ``--only hift`` runs just that objective.
 ``scale`` compiles (never runs) one train step of the LM or the flow for a mesh of ``--chips``
 simulated devices and a global batch, and reports the per-device FLOPs of the partitioned program
 (XLA cost analysis), its compiled memory per device, and from those the step time at the peak of a
-named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation::
+named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation, plus the compile
+time and the host's peak RSS::
 
-  python scripts/bench_train.py scale --objective lm --chips 64 --mesh -1 8 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -118,6 +120,15 @@ def speed(args):
     print(json.dumps(out, indent=2))
 
 
+def cpu_scheduler(args) -> dict:
+    """XLA CPU compile options for ``--cpu-scheduler``. ``memory``: the memory-minimising scheduler instead of
+    the default concurrency-optimised (breadth-first) one, which runs remat's recomputations right after
+    the forward pass and so hides the saving of ``--remat`` (TPU/GPU compilers schedule for memory)."""
+    if getattr(args, "cpu_scheduler", "default") == "memory" and jax.default_backend() == "cpu":
+        return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+    return {}
+
+
 def memory(args):
     from cosyvoice2_jax.train.lm import LMObjective
 
@@ -145,7 +156,7 @@ def memory(args):
     for rows in args.rows:
         b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm_batch(rows, args.text, args.speech))
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract, b).compile()
+        compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract, b).compile(compiler_options=cpu_scheduler(args))
         ma = compiled.memory_analysis()
         gib = 1024 ** 3
         row = {"rows": rows, "text": args.text, "speech": args.speech, "compile_s": round(time.perf_counter() - t0, 1)}
@@ -194,7 +205,7 @@ def scale(args):
     b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, M.replicated(mesh)),
-                       donate_argnums=(0,)).lower(abstract, b).compile()
+                       donate_argnums=(0,)).lower(abstract, b).compile(compiler_options=cpu_scheduler(args))
     compile_s = time.perf_counter() - t0
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -205,6 +216,7 @@ def scale(args):
                 + ma.temp_size_in_bytes) / gib
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     out = {"objective": args.objective, "model": args.model, "precision": args.precision, "remat": args.remat,
+           "cpu_scheduler": args.cpu_scheduler,
            "chips": mesh.size,
            "mesh": dict(mesh.shape), "global_rows": rows, "text": args.text, "speech": args.speech,
            "params": n_params, "tokens_per_step": tokens, "compile_s": round(compile_s, 1),
@@ -247,6 +259,9 @@ def main():
     c.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none",
                    help="remat policy (layers/remat.py): per LM decoder layer / per flow U-Net stage")
     c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
+    for p in (m, c):
+        p.add_argument("--cpu-scheduler", choices=["default", "memory"], default="default",
+                       help="XLA CPU scheduler for the compile (memory: shows what remat saves; see cpu_scheduler)")
     args = ap.parse_args()
     {"speed": speed, "memory": memory, "scale": scale}[args.what](args)
 
