@@ -108,9 +108,10 @@ def jax_process_index() -> int:
 
 def cmd_train(args) -> int:
     from .train.distributed import initialize
-    from .train.run import run
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # multi-process only
+    from .train.run import run  # after initialize: importing the models may touch the backend (jnp constants)
+
     out = run(args.config, args.overrides, progress=not args.no_progress)
     hist = [h for h in out["history"] if h.get("split") == "train"]
     if hist and jax_process_index() == 0:

@@ -41,8 +41,13 @@ def test_application_options_and_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_replicas_share_voices(oracle, tmp_path):
+def test_two_replicas_share_voices(oracle, tmp_path, monkeypatch):
     from cosyvoice2_jax.serve import ray_app
+
+    # Ray Serve gives its HTTP proxy actor 5 s to start and 10 s per health check: too short on a loaded
+    # 2-core machine (the proxy is killed before it runs)
+    for k, v in (("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120"), ("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")):
+        monkeypatch.setenv(k, v)
 
     rel = tmp_path / "CosyVoice2-tiny"
     mrr.make_release(rel, "tiny", seed=0, oracle=oracle)
@@ -50,7 +55,8 @@ def test_two_replicas_share_voices(oracle, tmp_path):
     sf.write(prompt, _speechlike(2.0, seed=3), 16000)
     port = httpx_free_port()
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "COSYVOICE2_JAX_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+           "COSYVOICE2_JAX_CACHE": str(tmp_path / "cache"), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
     for attempt in range(3):  # ray waits a fixed 30 s for its raylet: on a loaded machine, try again
         try:
             ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
