@@ -35,6 +35,11 @@ for _mode, _flag in (("speed", "--devices"), ("scale", "--chips")):
     if _mode in sys.argv and _flag in sys.argv:
         n = sys.argv[sys.argv.index(_flag) + 1]
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+# --cpu-scheduler memory: XLA CPU's memory-minimising scheduler instead of the default concurrency-optimised
+# (breadth-first) one, which runs remat's recomputations right after the forward pass and so hides what
+# --remat saves (TPU/GPU compilers schedule for memory). A backend flag: set before jax starts.
+if "--cpu-scheduler" in sys.argv and sys.argv[sys.argv.index("--cpu-scheduler") + 1] == "memory":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -120,15 +125,6 @@ def speed(args):
     print(json.dumps(out, indent=2))
 
 
-def cpu_scheduler(args) -> dict:
-    """XLA CPU compile options for ``--cpu-scheduler``. ``memory``: the memory-minimising scheduler instead of
-    the default concurrency-optimised (breadth-first) one, which runs remat's recomputations right after
-    the forward pass and so hides the saving of ``--remat`` (TPU/GPU compilers schedule for memory)."""
-    if getattr(args, "cpu_scheduler", "default") == "memory" and jax.default_backend() == "cpu":
-        return {"xla_cpu_enable_concurrency_optimized_scheduler": False}
-    return {}
-
-
 def memory(args):
     from cosyvoice2_jax.train.lm import LMObjective
 
@@ -156,7 +152,7 @@ def memory(args):
     for rows in args.rows:
         b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), lm_batch(rows, args.text, args.speech))
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract, b).compile(compiler_options=cpu_scheduler(args))
+        compiled = jax.jit(step, donate_argnums=(0,)).lower(abstract, b).compile()
         ma = compiled.memory_analysis()
         gib = 1024 ** 3
         row = {"rows": rows, "text": args.text, "speech": args.speech, "compile_s": round(time.perf_counter() - t0, 1)}
@@ -205,7 +201,7 @@ def scale(args):
     b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
     t0 = time.perf_counter()
     compiled = jax.jit(step, in_shardings=(sh, bsh), out_shardings=(sh, M.replicated(mesh)),
-                       donate_argnums=(0,)).lower(abstract, b).compile(compiler_options=cpu_scheduler(args))
+                       donate_argnums=(0,)).lower(abstract, b).compile()
     compile_s = time.perf_counter() - t0
     ca = compiled.cost_analysis()
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
@@ -261,7 +257,7 @@ def main():
     c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
     for p in (m, c):
         p.add_argument("--cpu-scheduler", choices=["default", "memory"], default="default",
-                       help="XLA CPU scheduler for the compile (memory: shows what remat saves; see cpu_scheduler)")
+                       help="XLA CPU scheduler for the compile (memory: shows what remat saves; see the top of this file)")
     args = ap.parse_args()
     {"speed": speed, "memory": memory, "scale": scale}[args.what](args)
 

@@ -198,13 +198,14 @@ def test_lm_remat_policies_keep_the_loss_and_cut_memory():
 # XLA CPU's default, concurrency-optimised (breadth-first) scheduler runs every recomputation as soon as
 # its saved inputs exist, i.e. right after the forward pass, which undoes remat in the CPU memory
 # analysis; the memory-minimising scheduler (as TPU/GPU schedule under memory pressure) shows the saving.
-CPU_MEMORY_SCHEDULER = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+# It is a backend flag (XLA_FLAGS), so the memory is measured by scripts/bench_train.py in a subprocess.
 
 
-@pytest.mark.slow  # four compilations of the tiny flow: ~3 min alone, ~20 min on the loaded CI cores
+@pytest.mark.slow  # two compilations of the tiny flow here and two in subprocesses: ~20 min on the loaded CI cores
 def test_flow_remat_keeps_the_loss_and_cuts_memory():
-    """train.remat for the flow wraps each U-Net stage: same loss and gradients, more FLOPs
-    (recomputation), less temp memory; streaming calls refuse it with a ConfigError."""
+    """train.remat for the flow wraps each U-Net stage: same loss and gradients; the compiled train
+    step (bench_train.py scale, memory-minimising CPU scheduler, 4 x 500 frames) has more FLOPs
+    (recomputation) and less temp memory; streaming calls refuse it with a ConfigError."""
     import sys as _sys
 
     _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -218,20 +219,18 @@ def test_flow_remat_keeps_the_loss_and_cuts_memory():
     batch = flow_batch(2, 120)
     key = jax.random.key(3)
     params = FlowObjective(cfg).init_params(jax.random.key(0))
-    tx = make_optimizer(OptimConfig(lr=1e-3))
-    mesh = M.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     res = {}
-    big = flow_batch(4, 250)  # long enough that the stages' residuals outweigh one stage's working set
+    repo = Path(__file__).resolve().parent.parent
     for remat in ("none", "full"):
         obj = FlowObjective(cfg, remat=remat)
         (loss, _), g = jax.jit(jax.value_and_grad(lambda p: obj.loss_fn(p, batch, key), has_aux=True))(params)
-        abstract, sh = TR.abstract_state(obj, tx, mesh)
-        step = TR.make_train_step(obj, tx, sh, mesh).step
-        b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in big.items()}
-        c = jax.jit(step, donate_argnums=(0,)).lower(abstract, b).compile(compiler_options=CPU_MEMORY_SCHEDULER)
-        ca = c.cost_analysis()
-        ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-        res[remat] = (float(loss), g, c.memory_analysis().temp_size_in_bytes, float(ca["flops"]))
+        out = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "scale", "--objective", "flow",
+                              "--model", "tiny", "--chips", "1", "--mesh", "1", "1", "1", "--rows-per-shard", "4",
+                              "--speech", "250", "--precision", "fp32", "--remat", remat, "--cpu-scheduler", "memory"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(repo)}).stdout
+        r = json.loads(out)
+        res[remat] = (float(loss), g, r["memory_per_chip_gib"]["temp"], r["flops_per_step_per_chip"])
     assert res["full"][0] == pytest.approx(res["none"][0], rel=1e-6)
     for a, b in zip(jax.tree.leaves(res["full"][1]), jax.tree.leaves(res["none"][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
