@@ -78,7 +78,7 @@ def test_two_replicas_share_voices(oracle, tmp_path, monkeypatch):
             with open(prompt, "rb") as f:
                 r = c.post("/v1/audio/voices", data={"name": "alice", "transcript": "A prompt."},
                            files={"file": ("p.wav", f, "audio/wav")})
-            assert r.status_code == 200, r.text
+            assert r.status_code == 201, r.text
             registered_on = r.headers["x-replica"]
             seen = {}
             for _ in range(60):  # the router spreads requests: collect answers from both replicas
