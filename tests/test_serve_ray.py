@@ -3,7 +3,7 @@ the server app behind Ray's HTTP proxy share one voice directory; a voice regist
 serves from both, a deletion reaches both; synthesis through the proxy returns decodable audio.
 
 Needs the ``ray`` extra; ``slow`` (two replicas load the tiny release, one registration and one synthesis
-compile: ~6 min on the loaded 2-core CI machine).
+compile: 6.6 min on the 2-core machine at load average ~25).
 """
 from __future__ import annotations
 

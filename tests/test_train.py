@@ -201,7 +201,7 @@ def test_lm_remat_policies_keep_the_loss_and_cut_memory():
 # It is a backend flag (XLA_FLAGS), so the memory is measured by scripts/bench_train.py in a subprocess.
 
 
-@pytest.mark.slow  # two compilations of the tiny flow here and two in subprocesses: ~20 min on the loaded CI cores
+@pytest.mark.slow  # two compilations of the tiny flow here and two in subprocesses: 9 min at load average ~25
 def test_flow_remat_keeps_the_loss_and_cuts_memory():
     """train.remat for the flow wraps each U-Net stage: same loss and gradients; the compiled train
     step (bench_train.py scale, memory-minimising CPU scheduler, 4 x 500 frames) has more FLOPs
