@@ -8,7 +8,8 @@ errors in one process and that the README's three recipes are one command.
 
 The multi-process tests are ``slow``: on the 2-core CI machine under load ~15 they took 36 min
 together (LM 1+2-process reference runs 9.7 min, flow 16.7 min, SIGKILL/resume 5.7 min, checkpoints
-across process counts 3.9 min); the fast ones take ~5 s.
+across process counts 3.9 min); at load ~25 the three LM tests took 32.9 min (reference runs 18.0,
+SIGKILL/resume with the SLURM recipe 11.4, checkpoints 3.2); the fast ones take ~10 s.
 """
 from __future__ import annotations
 
