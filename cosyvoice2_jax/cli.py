@@ -109,9 +109,10 @@ def jax_process_index() -> int:
 
 def cmd_train(args) -> int:
     from .train.distributed import initialize
-    from .train.run import run
 
     initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)  # multi-process only
+    from .train.run import run  # after initialize: importing the models may touch the backend (jnp constants)
+
     out = run(args.config, args.overrides, progress=not args.no_progress)
     hist = [h for h in out["history"] if h.get("split") == "train"]
     if hist and jax_process_index() == 0:
@@ -352,7 +353,8 @@ def cmd_serve(args) -> int:
     serve(args.model_dir, host=args.host, port=args.port, voices_dir=args.voices_dir,
           sampling="greedy" if args.greedy else "ras", quant=args.int8, streaming=streaming, engine_kw=engine_kw,
           warmup=not args.no_warmup, max_input_chars=args.max_input_chars, cache=not args.no_cache,
-          log_level=args.log_level, warmup_text=args.warmup_text, bistream_max_tokens=args.bistream_max_tokens)
+          log_level=args.log_level, warmup_text=args.warmup_text, bistream_max_tokens=args.bistream_max_tokens,
+          warmup_batches=tuple(args.warmup_batches), warmup_stream=not args.no_warmup_stream)
     return 0
 
 
@@ -383,6 +385,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--int8", action="store_true", help="int8 LM decode (faster on CPU)")
     p.add_argument("--no-warmup", action="store_true", help="ready at once (the first requests compile)")
     p.add_argument("--warmup-text", default="Hi there.", help="text whose shapes the warm-up compiles")
+    p.add_argument("--warmup-batches", type=int, nargs="+", default=[1], metavar="B",
+                   help="token2wav batch sizes (powers of two <= --slots) compiled before ready; others on first use")
+    p.add_argument("--no-warmup-stream", action="store_true", help="do not compile the streaming shapes at warm-up")
     p.add_argument("--xla-cache", type=Path, help="persistent XLA compilation cache (default in the cache dir)")
     p.add_argument("--no-cache", action="store_true", help="no converted-model or compilation cache")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -154,6 +154,7 @@ class FlowDecoderConfig:
     static_chunk_size: int = 50  # mel frames
     num_decoding_left_chunks: int = -1
     dropout: float = 0.0
+    remat: str = "none"  # training: per-U-Net-stage remat policy (layers/remat.py); offline calls only
 
 
 @dataclasses.dataclass(frozen=True)

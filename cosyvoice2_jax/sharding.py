@@ -17,17 +17,18 @@ their largest divisible dimension.
 Batches (training steps, batched synthesis) split their leading dimension over the mesh's batch
 axes (:func:`batch_sharding`, :func:`pad_rows`).
 
-Multi-host: call :func:`initialize_distributed` first on every host (it wraps
-``jax.distributed.initialize``; on TPU pods and SLURM/Open MPI GPU clusters the arguments are
-discovered automatically), then build the same mesh everywhere::
+Multi-host: every host runs the same ``cosyvoice2-jax train`` command; the CLI joins the processes
+first (:func:`cosyvoice2_jax.train.distributed.initialize`: ``--coordinator HOST:PORT --num-processes N
+--process-id I``, or ``--distributed`` where jax discovers them: TPU pod slices, SLURM, Open MPI), then
+builds the same mesh everywhere from ``train.mesh``::
 
-    # GPU cluster, one process per host (SLURM sets the coordinator environment):
-    srun --nodes=4 --ntasks-per-node=1 cosyvoice2-jax train --config configs/train/lm.yaml --distributed \\
-        --set train.mesh.data=4 --set train.mesh.fsdp=8
-    # TPU pod slice (v5e-64): run the same command on every worker
-    gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cosyvoice2-jax train --distributed ..."
+    # SLURM, 2 nodes x 4 GPUs (one task per node):
+    srun cosyvoice2-jax train --config configs/train/lm.yaml --distributed --no-progress \\
+        --set data.batch_multiple=8 --set train.mesh.data=-1 --set train.mesh.fsdp=2 ...
+    # TPU pod slice (v4-16, 2 hosts x 4 chips): the same command on every worker
+    gcloud compute tpus tpu-vm ssh NAME --worker=all --command "cosyvoice2-jax train ... --distributed ..."
 
-(the CLI calls :func:`cosyvoice2_jax.train.distributed.initialize`; see the README's pod section).
+The README's "Multi-process (pod) training" has the full recipes (tests/test_train_pod.py runs them).
 """
 from __future__ import annotations
 

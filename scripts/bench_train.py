@@ -12,9 +12,11 @@ samples; ``--only hift`` runs just that objective.
 ``scale`` compiles (never runs) one train step of the LM or the flow for a mesh of ``--chips``
 simulated devices and a global batch, and reports the per-device FLOPs of the partitioned program
 (XLA cost analysis), its compiled memory per device, and from those the step time at the peak of a
-named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation::
+named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation, plus the compile
+time and the host's peak RSS::
 
-  python scripts/bench_train.py scale --objective lm --chips 64 --mesh -1 8 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
   python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -33,6 +36,11 @@ for _mode, _flag in (("speed", "--devices"), ("scale", "--chips")):
     if _mode in sys.argv and _flag in sys.argv:
         n = sys.argv[sys.argv.index(_flag) + 1]
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+# --cpu-scheduler memory: XLA CPU's memory-minimising scheduler instead of the default concurrency-optimised
+# (breadth-first) one, which runs remat's recomputations right after the forward pass and so hides what
+# --remat saves (TPU/GPU compilers schedule for memory). A backend flag: set before jax starts.
+if "--cpu-scheduler" in sys.argv and sys.argv[sys.argv.index("--cpu-scheduler") + 1] == "memory":
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -185,15 +193,15 @@ def scale(args):
         obj, batch = LMObjective(cfg.llm, remat=args.remat), lm_batch(rows, args.text, args.speech)
         tokens = rows * (args.text + args.speech)
     else:
-        if args.remat != "none":
-            raise SystemExit("--remat is implemented for the LM only")
         if args.objective.startswith("distill-"):  # few-step student + frozen teacher (train/distill.py)
             from cosyvoice2_jax.flow.distill import DistillOptions
             from cosyvoice2_jax.train.distill import DistillObjective
 
+            if args.remat != "none":
+                raise SystemExit("--remat is implemented for the LM and the flow objective, not distill-*")
             obj = DistillObjective(cfg.flow, DistillOptions(method=args.objective.split("-", 1)[1]))
         else:
-            obj = FlowObjective(cfg.flow)
+            obj = FlowObjective(cfg.flow, remat=args.remat)
         batch = flow_batch(rows, args.speech)
         tokens = rows * args.speech
     tx = make_optimizer(OptimConfig(lr=1e-5))
@@ -214,9 +222,11 @@ def scale(args):
                 + ma.temp_size_in_bytes) / gib
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     out = {"objective": args.objective, "model": args.model, "precision": args.precision, "remat": args.remat,
+           "cpu_scheduler": args.cpu_scheduler,
            "chips": mesh.size,
            "mesh": dict(mesh.shape), "global_rows": rows, "text": args.text, "speech": args.speech,
            "params": n_params, "tokens_per_step": tokens, "compile_s": round(compile_s, 1),
+           "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
            "flops_per_step_per_chip": flops_dev, "flops_per_step": flops_dev * mesh.size,
            "flops_per_token_per_param": round(flops_dev * mesh.size / tokens / n_params, 2),
            "memory_per_chip_gib": {"arguments": round(ma.argument_size_in_bytes / gib, 3),
@@ -254,8 +264,11 @@ def main():
     c.add_argument("--speech", type=int, default=500)
     c.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
     c.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none",
-                   help="LM per-layer remat policy (layers/remat.py)")
+                   help="remat policy (layers/remat.py): per LM decoder layer / per flow U-Net stage")
     c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
+    for p in (m, c):
+        p.add_argument("--cpu-scheduler", choices=["default", "memory"], default="default",
+                       help="XLA CPU scheduler for the compile (memory: shows what remat saves; see the top of this file)")
     args = ap.parse_args()
     {"speed": speed, "memory": memory, "scale": scale}[args.what](args)
 

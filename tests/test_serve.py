@@ -390,3 +390,25 @@ def test_voice_survives_restart(env, server, client):
         assert not (env["tmp"] / "voices" / "keep.npz").exists()
     finally:
         s2.stop()
+
+
+def test_voice_store_follows_a_shared_directory(tmp_path):
+    """Two stores on one directory (two server processes, e.g. Ray Serve replicas): a voice file
+    written or deleted by one is seen by the other at its next lookup; built-in names stay built-in."""
+    import types
+
+    from cosyvoice2_jax.serve.voices import VoiceNotFound, VoiceStore
+
+    a, b = (VoiceStore(types.SimpleNamespace(spk2info={"builtin1": {}}), tmp_path) for _ in range(2))
+    assert b.names() == ["builtin1"]
+    feats = {"prompt_text": np.zeros((0,), np.int32), "embedding": np.ones((4,), np.float32)}
+    np.savez(tmp_path / "bob.npz", transcript=np.asarray("hi"), created=np.asarray(1.0), **feats)
+    assert b.kind("bob") == "registered" and "bob" in b.tts.spk2info  # one stat, no restart
+    assert a.names() == ["builtin1", "bob"] and a.meta["bob"]["transcript"] == "hi"
+    np.savez(tmp_path / "bob.npz", transcript=np.asarray("hello"), created=np.asarray(2.0), **feats)
+    os.utime(tmp_path / "bob.npz", ns=(1, 10**18))  # a new version (mtime) of the same voice
+    assert b.describe()[1]["transcript"] == "hello"
+    a.delete("bob")
+    with pytest.raises(VoiceNotFound, match="unknown voice 'bob'"):
+        b.kind("bob")
+    assert "bob" not in b.tts.spk2info and b.names() == ["builtin1"]

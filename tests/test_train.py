@@ -2,6 +2,7 @@
 after SIGKILL, schedules. Uses the 8 simulated CPU devices from conftest."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -192,3 +193,52 @@ def test_lm_remat_policies_keep_the_loss_and_cut_memory():
     assert temp["full"] < temp["none"] and temp["dots_no_batch"] < temp["none"], temp
     with pytest.raises(ConfigError, match="train.remat='everything'"):
         LMObjective(cfg, remat="everything").init_params(jax.random.key(0))
+
+
+# XLA CPU's default, concurrency-optimised (breadth-first) scheduler runs every recomputation as soon as
+# its saved inputs exist, i.e. right after the forward pass, which undoes remat in the CPU memory
+# analysis; the memory-minimising scheduler (as TPU/GPU schedule under memory pressure) shows the saving.
+# It is a backend flag (XLA_FLAGS), so the memory is measured by scripts/bench_train.py in a subprocess.
+
+
+@pytest.mark.slow  # two compilations of the tiny flow here and two in subprocesses: 9 min at load average ~25
+def test_flow_remat_keeps_the_loss_and_cuts_memory():
+    """train.remat for the flow wraps each U-Net stage: same loss and gradients; the compiled train
+    step (bench_train.py scale, memory-minimising CPU scheduler, 4 x 500 frames) has more FLOPs
+    (recomputation) and less temp memory; streaming calls refuse it with a ConfigError."""
+    import sys as _sys
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from bench_train import flow_batch
+    from cosyvoice2_jax.config import ModelConfig
+    from cosyvoice2_jax.errors import ConfigError
+    from cosyvoice2_jax.flow.decoder import CausalConditionalDecoder
+    from cosyvoice2_jax.train.flow import FlowObjective
+
+    cfg = ModelConfig.tiny().flow
+    batch = flow_batch(2, 120)
+    key = jax.random.key(3)
+    params = FlowObjective(cfg).init_params(jax.random.key(0))
+    res = {}
+    repo = Path(__file__).resolve().parent.parent
+    for remat in ("none", "full"):
+        obj = FlowObjective(cfg, remat=remat)
+        (loss, _), g = jax.jit(jax.value_and_grad(lambda p: obj.loss_fn(p, batch, key), has_aux=True))(params)
+        out = subprocess.run([sys.executable, str(repo / "scripts" / "bench_train.py"), "scale", "--objective", "flow",
+                              "--model", "tiny", "--chips", "1", "--mesh", "1", "1", "1", "--rows-per-shard", "4",
+                              "--speech", "250", "--precision", "fp32", "--remat", remat, "--cpu-scheduler", "memory"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(repo)}).stdout
+        r = json.loads(out)
+        res[remat] = (float(loss), g, r["memory_per_chip_gib"]["temp"], r["flops_per_step_per_chip"])
+    assert res["full"][0] == pytest.approx(res["none"][0], rel=1e-6)
+    for a, b in zip(jax.tree.leaves(res["full"][1]), jax.tree.leaves(res["none"][1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert res["full"][3] > res["none"][3]  # the stages' forward runs again in the backward
+    assert res["full"][2] < res["none"][2], (res["full"][2], res["none"][2])
+    with pytest.raises(ConfigError, match="train.remat='all'"):
+        FlowObjective(cfg, remat="all")
+    dec = CausalConditionalDecoder(dataclasses.replace(cfg.decoder, remat="full"))
+    h, valid, t_emb = jnp.zeros((1, 8, cfg.decoder.in_channels)), jnp.ones((1, 8), bool), jnp.zeros((1, 4 * 64))
+    with pytest.raises(ConfigError, match="streaming needs remat: none"):
+        dec.init(jax.random.key(0), h, valid, t_emb, 0, {}, None, method="forward_features")

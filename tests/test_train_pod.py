@@ -1,18 +1,21 @@
 """Multi-process (pod) training, proven on this machine: 2 processes x 4 CPU devices (gloo
-collectives, coordinator on 127.0.0.1) run the real CLI (``cosyvoice2-jax train ... --coordinator
---num-processes --process-id``, the README's local recipe) and must equal 1 process x 8 devices;
-a SIGKILLed 2-process run resumes to the uninterrupted curve; checkpoints move between 1 and 2
-processes. The fast tests check the row split (no row is read twice), the global batch assembly
-and the config/mesh errors in one process.
+collectives, coordinator on 127.0.0.1) run the real CLI with the README's launch recipes, read from
+README.md (the local one: ``--coordinator --num-processes --process-id``; the SLURM one:
+``--distributed`` under a faked srun environment), and must equal 1 process x 8 devices; a SIGKILLed
+2-process run resumes to the uninterrupted curve; checkpoints move between 1 and 2 processes. The
+fast tests check the row split (no row is read twice), the global batch assembly, the config/mesh
+errors in one process and that the README's three recipes are one command.
 
 The multi-process tests are ``slow``: on the 2-core CI machine under load ~15 they took 36 min
 together (LM 1+2-process reference runs 9.7 min, flow 16.7 min, SIGKILL/resume 5.7 min, checkpoints
-across process counts 3.9 min); the fast ones take ~5 s.
+across process counts 3.9 min); at load ~25 the three LM tests took 32.9 min (reference runs 18.0,
+SIGKILL/resume with the SLURM recipe 11.4, checkpoints 3.2); the fast ones take ~10 s.
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -134,10 +137,16 @@ def test_config_and_mesh_errors():
 
 
 # ----------------------------------------------------------------------------------- the real thing
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_port(slurm: bool = False) -> int:
+    """A free loopback port; ``slurm``: one in the range jax derives from SLURM_JOB_ID."""
+    for port in (np.random.default_rng().permutation(4096) + 61440 if slurm else [0]):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(port)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
 
 
 @pytest.fixture(scope="module")
@@ -163,22 +172,83 @@ def _config(root: Path, lst, tok, objective: str) -> Path:
     return path
 
 
-def _launch(config: Path, workdir: Path, nproc: int, log: Path) -> list[subprocess.Popen]:
-    """The README's local recipe: the same command in every process, 8 // nproc CPU devices each."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+def readme_recipes() -> dict[str, list[str]]:
+    """The README's pod launch commands (local, slurm, tpu) as argv after ``cosyvoice2-jax``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    sec = text[text.index("### Multi-process (pod) training"):]
+    sec = sec[: sec.index("\n## ")]
+    blocks = [b.split("```", 1)[0] for b in sec.split("```bash\n")[1:]]
+    out = {}
+    for name, marker in (("local", "--coordinator"), ("slurm", "srun "), ("tpu", "gcloud ")):
+        (block,) = [b for b in blocks if marker in b]
+        joined = block.replace("\\\n", " ")
+        line = joined[joined.index("cosyvoice2-jax train"):].split("\n", 1)[0]
+        argv = shlex.split(line.rstrip().rstrip("&").rstrip('"'))
+        out[name] = argv[1:]
+    return out
+
+
+def _recipe_argv(recipe: str, config, workdir, lst, tok, port: int, i: int, nproc: int) -> list[str]:
+    """A README recipe with this test's paths, port and process id put in; nothing else changes."""
+    src, argv = readme_recipes()[recipe], []
+    it = iter(src)
+    for a in it:
+        if a == "--config":
+            next(it)
+            argv += [a, str(config)]
+        elif a == "--coordinator":
+            assert next(it).startswith("127.0.0.1:")
+            argv += [a, f"127.0.0.1:{port}"] if nproc > 1 else []
+        elif a == "--num-processes":
+            assert next(it) == "2"
+            argv += [a, str(nproc)] if nproc > 1 else []
+        elif a == "--process-id":
+            assert next(it) == "$i"
+            argv += [a, str(i)] if nproc > 1 else []
+        elif a.startswith("data.data_list="):
+            argv.append(f"data.data_list={lst}")
+        elif a.startswith("tokenizer_dir="):
+            argv.append(f"tokenizer_dir={tok}")
+        elif a.startswith("train.workdir="):
+            argv.append(f"train.workdir={workdir}")
+        else:
+            argv.append(a)
+    return argv
+
+
+def test_readme_recipes_are_one_command():
+    """The SLURM and TPU recipes are the same command (paths aside); the local one adds the explicit
+    coordinator; all three are sized for the 2-process x 4-device runs below."""
+    r = readme_recipes()
+    same = _recipe_argv("slurm", Path("c"), Path("w"), Path("l"), Path("t"), 0, 0, 2)
+    assert _recipe_argv("tpu", Path("c"), Path("w"), Path("l"), Path("t"), 0, 0, 2) == same
+    local = _recipe_argv("local", Path("c"), Path("w"), Path("l"), Path("t"), 9, 1, 2)
+    assert [a for a in same if a != "--distributed"] == local[:-6]
+    assert local[-6:] == ["--coordinator", "127.0.0.1:9", "--num-processes", "2", "--process-id", "1"]
+    assert local[:3] == ["train", "--config", "c"] and all(isinstance(a, str) for a in local)
+    for k in ("data.batch_multiple=8", "train.mesh.data=-1", "train.mesh.fsdp=2"):
+        assert all(k in v for v in r.values()), k
+
+
+def _launch(config: Path, workdir: Path, nproc: int, log: Path, recipe: str = "local") -> list[subprocess.Popen]:
+    """A README recipe: the same command in every process, 8 // nproc CPU devices each. ``slurm``:
+    ``--distributed`` under the environment srun gives each task (coordinator on 127.0.0.1)."""
+    spec = yaml.safe_load(config.read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")
+           and not k.startswith("SLURM_")}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // nproc}", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    base = [sys.executable, "-m", "cosyvoice2_jax.cli", "train", "--config", str(config), "--no-progress",
-            "--set", "data.batch_multiple=8", "--set", "train.mesh.data=-1", "--set", "train.mesh.fsdp=2",
-            "--set", f"train.workdir={workdir}"]
-    port = _free_port()
+    port = _free_port(slurm=recipe == "slurm")
     procs = []
     for i in range(nproc):
-        extra = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(i)] \
-            if nproc > 1 else []
+        argv = _recipe_argv(recipe, config, workdir, spec["data"]["data_list"], spec["tokenizer_dir"], port, i, nproc)
+        penv = dict(env)
+        if recipe == "slurm":  # jax's SlurmCluster: coordinator = first node, port 61440 + job id % 4096
+            penv.update(SLURM_JOB_ID=str(port - 61440), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS=str(nproc),
+                        SLURM_PROCID=str(i), SLURM_LOCALID=str(i), SLURM_STEP_NUM_NODES=str(nproc))
         out = open(f"{log}.{i}.log", "w")
-        procs.append(subprocess.Popen(["nice", "-n", "5"] + base + extra, env=env, stdout=out,
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen(["nice", "-n", "5", sys.executable, "-m", "cosyvoice2_jax.cli"] + argv,
+                                      env=penv, stdout=out, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -266,7 +336,7 @@ def test_sigkill_one_process_then_resume(lm_runs, pod_data):
     root = pod_data[0]
     work = root / "lm_killed"
     log = root / "lm_killed"
-    procs = _launch(cfg, work, 2, log)
+    procs = _launch(cfg, work, 2, log, recipe="slurm")  # the SLURM recipe (--distributed), vs the local one
     deadline = time.time() + 1800
     m = work / "metrics.jsonl"
     while time.time() < deadline:  # past the second checkpoint
@@ -281,7 +351,7 @@ def test_sigkill_one_process_then_resume(lm_runs, pod_data):
     procs[0].wait()
     done = len(m.read_text().splitlines())
     assert 2 * SAVE_EVERY <= done < STEPS, done
-    _wait(_launch(cfg, work, 2, log), log)  # the same command again, both processes
+    _wait(_launch(cfg, work, 2, log, recipe="slurm"), log)  # the same command again, both processes
     _close(_metrics(work), ref2, atol=0.0)
 
 

@@ -44,6 +44,7 @@ from ..config import FlowDecoderConfig
 from ..errors import ConfigError
 from ..layers.attention import KV, DiffusersAttention, Window, torch_linear
 from ..layers.conv import Conv1d, causal_conv
+from ..layers.remat import remat_policy
 from ..layers.masks import attention_mask
 from ..layers.positional import sinusoidal_time_emb
 
@@ -206,9 +207,13 @@ class CausalConditionalDecoder(nn.Module):
         self.time_mlp = TimestepEmbedding(ch * 4)
         for n in self.extra_inputs:
             setattr(self, f"time_mlp_{n}", TimestepEmbedding(ch * 4, zero_out=True))
-        self.down_blocks_0 = Stage(c, ch, True, self.dtype)
-        self.mid_blocks = [Stage(c, ch, False, self.dtype) for _ in range(c.num_mid_blocks)]
-        self.up_blocks_0 = Stage(c, ch, True, self.dtype)
+        # training memory: cfg.remat wraps every U-Net stage in nn.remat (the backward keeps what the policy
+        # saves and recomputes the rest, stage by stage); cache and window (None offline) are static
+        stage = Stage if c.remat == "none" else nn.remat(Stage, policy=remat_policy(c.remat),
+                                                           static_argnums=(5, 6))
+        self.down_blocks_0 = stage(c, ch, True, self.dtype)
+        self.mid_blocks = [stage(c, ch, False, self.dtype) for _ in range(c.num_mid_blocks)]
+        self.up_blocks_0 = stage(c, ch, True, self.dtype)
         self.final_block = CausalBlock1D(ch, self.dtype)
         self.final_proj = Conv1d(c.out_channels, 1, dtype=self.dtype)
 
@@ -240,6 +245,9 @@ class CausalConditionalDecoder(nn.Module):
         indexed by ``window.slot``) and ``window`` (frames at ``window.offset``; ``chunk`` unused).
         Returns ``(out (B, F, out_channels) float32, cache)``.
         """
+        if self.cfg.remat != "none" and (cache is not None or window is not None):
+            raise ConfigError(f"flow.decoder.remat={self.cfg.remat!r} is a training option (offline calls); "
+                              "streaming needs remat: none")
         m = valid[..., None].astype(h.dtype)
         att = attention_mask(valid, chunk) if cache is None else None
         cc = cache or {}

@@ -48,7 +48,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import CosyVoiceError
+from ..errors import ConfigError, CosyVoiceError
 from . import audio as A
 from .engine import Busy, Cancelled, Engine, EngineError
 from .metrics import Metrics
@@ -117,7 +117,8 @@ class Server:
     """State of one app: pipeline, engine, voices, metrics, readiness."""
 
     def __init__(self, tts, *, voices_dir: str | Path, engine_kw: dict | None = None, warmup: bool = True,
-                 max_input_chars: int = 4096, stream_wait_s: float = 60.0, warmup_text: str = "Hi there."):
+                 max_input_chars: int = 4096, stream_wait_s: float = 60.0, warmup_text: str = "Hi there.",
+                 warmup_batches: tuple[int, ...] = (1,), warmup_stream: bool = True):
         self.tts = tts
         self.metrics = Metrics()
         self.engine = Engine(tts, metrics=self.metrics, **(engine_kw or {}))
@@ -125,6 +126,11 @@ class Server:
         self.max_input_chars = max_input_chars
         self.stream_wait_s = stream_wait_s
         self.do_warmup, self.warmup_text = warmup, warmup_text
+        bad = [b for b in warmup_batches if b < 1 or b & (b - 1) or b > self.engine.rows]
+        if bad:
+            raise ConfigError(f"warm-up batches {bad}: token2wav batches are powers of two up to --slots "
+                              f"{self.engine.rows}; use e.g. --warmup-batches 1 2 4")
+        self.warmup_batches, self.warmup_stream = tuple(sorted(set(warmup_batches))), warmup_stream
         self.ready = threading.Event()
         self.warmup_error: Optional[str] = None
         self.warmup_seconds: Optional[float] = None
@@ -139,15 +145,17 @@ class Server:
         self.engine.stop()
 
     def _warmup(self) -> None:
-        """Compile what a request of ``warmup_text`` needs: LM prefill/decode, streaming, and the
-        batched token2wav at every power-of-two batch up to the slot count. Other text lengths and
-        prompt sizes compile on first use (and persist in the XLA cache across restarts)."""
+        """Compile what the first requests of ``warmup_text`` need, nothing more: the LM (prefill and
+        the slot batch's decode: one shape), token2wav at the ``warmup_batches`` batch sizes (default 1:
+        a lone request; larger power-of-two batches, used when requests finish in the same decode
+        call, compile on first use) and, with ``warmup_stream``, the streaming chunk shapes. Other
+        text lengths and prompt sizes compile on first use too; everything persists in the XLA cache
+        across restarts."""
         t0 = time.perf_counter()
         try:
             names = self.voices.names()
             if self.do_warmup and names:
-                batches = [1 << i for i in range(self.engine.rows.bit_length()) if 1 << i <= self.engine.rows]
-                runs = [(b, False) for b in batches] + [(1, True)]
+                runs = [(b, False) for b in self.warmup_batches] + ([(1, True)] if self.warmup_stream else [])
                 for n, stream in runs:
                     jobs = [self._job(SpeechRequest(input=self.warmup_text, voice=names[0], seed=i,
                                                     response_format="pcm", stream=stream), loop=None)
@@ -614,7 +622,8 @@ def create_app(server: Server) -> FastAPI:
 
 def build(model_dir: str | Path, *, voices_dir: str | Path | None = None, sampling: str = "ras", quant: bool = False,
           streaming=None, engine_kw: dict | None = None, warmup: bool = True, max_input_chars: int = 4096,
-          cache: bool = True, warmup_text: str = "Hi there.", bistream_max_tokens: int | None = 1500) -> FastAPI:
+          cache: bool = True, warmup_text: str = "Hi there.", bistream_max_tokens: int | None = 1500,
+          warmup_batches: tuple[int, ...] = (1,), warmup_stream: bool = True) -> FastAPI:
     """Load ``model_dir`` and return the app (uvicorn runs it; see :func:`cosyvoice2_jax.serve.serve`)."""
     from ..pipeline.loading import cache_root
     from ..pipeline.model import CosyVoice2
@@ -624,6 +633,6 @@ def build(model_dir: str | Path, *, voices_dir: str | Path | None = None, sampli
     if voices_dir is None:
         voices_dir = cache_root() / "voices" / Path(model_dir).resolve().name
     server = Server(tts, voices_dir=voices_dir, engine_kw=engine_kw, warmup=warmup, max_input_chars=max_input_chars,
-                    warmup_text=warmup_text)
+                    warmup_text=warmup_text, warmup_batches=warmup_batches, warmup_stream=warmup_stream)
     return create_app(server)
 

@@ -181,7 +181,7 @@ class Engine:
         if not t2w.flow_cache:
             self.per_stream_bytes = 0
         else:
-            st = t2w.streamer().start(flow_prompt.token, flow_prompt.feat, flow_prompt.embedding)
+            st = t2w.flow.streamer().start(flow_prompt.token, flow_prompt.feat, flow_prompt.embedding)
             self.per_stream_bytes = int(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(st)))
             del st
         if self._max_streams_arg:

@@ -41,9 +41,32 @@ class VoiceStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.builtin = set(tts.spk2info)           # the release's speakers (sft)
         self.meta: dict[str, dict] = {}
+        self._mtime: dict[str, int] = {}  # file version each loaded voice came from
         self._lock = threading.Lock()
-        for f in sorted(self.dir.glob("*.npz")):
-            self._load(f)
+        self.refresh()
+
+    def refresh(self, name: str | None = None) -> None:
+        """Follow the directory: voices another server process (e.g. a Ray Serve replica sharing the
+        directory) added, replaced or deleted. ``name``: that voice only (one ``stat``)."""
+        files = [self.dir / f"{name}.npz"] if name is not None else sorted(self.dir.glob("*.npz"))
+        seen = set()
+        for f in files:
+            try:
+                mtime = f.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            seen.add(f.stem)
+            if self._mtime.get(f.stem) != mtime:
+                try:
+                    self._load(f)
+                except (OSError, ValueError, KeyError):  # being replaced by another process: next time
+                    continue
+                self._mtime[f.stem] = mtime
+        for gone in ([name] if name is not None else list(self.meta)):
+            if gone in self.meta and gone not in seen:
+                self.meta.pop(gone)
+                self._mtime.pop(gone, None)
+                self.tts.spk2info.pop(gone, None)
 
     def _load(self, f: Path) -> None:
         name = f.stem
@@ -62,6 +85,9 @@ class VoiceStore:
                              "starting with a letter, digit or '_'")
 
     def kind(self, name: str) -> str:
+        if NAME.match(name or "") and name not in self.builtin:
+            with self._lock:
+                self.refresh(name)
         if name in self.meta:
             return "registered"
         if name in self.builtin:
@@ -70,9 +96,13 @@ class VoiceStore:
                             "Register one with POST /v1/audio/voices")
 
     def names(self) -> list[str]:
+        with self._lock:
+            self.refresh()
         return sorted(self.builtin) + sorted(self.meta)
 
     def describe(self) -> list[dict]:
+        with self._lock:
+            self.refresh()
         out = [{"name": n, "type": "builtin", "modes": ["sft"]} for n in sorted(self.builtin)]
         for n in sorted(self.meta):
             m = self.meta[n]
@@ -106,6 +136,7 @@ class VoiceStore:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.dir / f"{name}.npz")
+                self._mtime[name] = (self.dir / f"{name}.npz").stat().st_mtime_ns
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -122,4 +153,5 @@ class VoiceStore:
                 raise VoiceNotFound(f"unknown voice {name!r}; registered: {', '.join(sorted(self.meta)) or 'none'}")
             (self.dir / f"{name}.npz").unlink(missing_ok=True)
             self.meta.pop(name)
+            self._mtime.pop(name, None)
             self.tts.spk2info.pop(name, None)

@@ -23,6 +23,7 @@ from ..config import FlowConfig
 from ..flow import cfm as cfm_lib
 from ..flow import modeling as F
 from ..flow import train_options as TO
+from ..layers.remat import check_remat
 
 
 @dataclasses.dataclass
@@ -31,9 +32,12 @@ class FlowObjective:
     options: TO.FlowTrainOptions = TO.FlowTrainOptions()
     init_from: Any = None  # params to start from (e.g. a released flow.pt), else random
     name: str = "flow"
+    remat: str = "none"  # per-U-Net-stage remat policy of the estimator (layers/remat.py; TrainConfig.remat)
 
     def __post_init__(self):
-        self.cfg = dataclasses.replace(self.cfg, cfm=TO.apply_to_cfm(self.cfg.cfm, self.options))
+        check_remat(self.remat)
+        self.cfg = dataclasses.replace(self.cfg, cfm=TO.apply_to_cfm(self.cfg.cfm, self.options),
+                                       decoder=dataclasses.replace(self.cfg.decoder, remat=self.remat))
 
     def init_params(self, rng):
         return self.init_from if self.init_from is not None else F.init_params(self.cfg, rng)

@@ -100,8 +100,9 @@ def token_asr_config(tf: TrainFile, cfg: ModelConfig) -> TokenASRConfig:
 def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
     cfg = TR.precision_model_config(cfg, tf.train.precision)
     check_remat(tf.train.remat)
-    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo", "asr_reward"):
-        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM and DPO objectives only; "
+    if tf.train.remat != "none" and tf.objective not in ("lm", "dpo", "asr_reward", "flow"):
+        raise ConfigError(f"train.remat={tf.train.remat!r} is implemented for the LM, DPO, ASR-reward and flow "
+                          "objectives only; "
                           f"use remat: none for {tf.objective}")
     if tf.objective == "token_asr":
         from .asr import TokenASRObjective
@@ -135,7 +136,7 @@ def build_objective(tf: TrainFile, cfg: ModelConfig, init=None):
         return DistillObjective(cfg.flow, tf.distill, init_from=init)
     from .flow import FlowObjective
 
-    return FlowObjective(cfg.flow, tf.flow, init_from=init)
+    return FlowObjective(cfg.flow, tf.flow, init_from=init, remat=tf.train.remat)
 
 
 def run(config: str | Path, overrides: Sequence[str] = (), progress: bool = True) -> dict:

@@ -72,7 +72,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     optim_d: OptimConfig = OptimConfig()  # the discriminator's optimizer (HiFT GAN only)
     precision: str = "fp32"  # fp32 | bf16 (compute dtype; params and optimizer state stay fp32)
-    remat: str = "none"  # LM/DPO: per-decoder-layer remat policy, none|full|dots|dots_no_batch (layers/remat.py)
+    remat: str = "none"  # none|full|dots|dots_no_batch (layers/remat.py): LM/DPO per decoder layer, flow per U-Net stage
 
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
