@@ -369,3 +369,22 @@ def test_checkpoints_move_between_process_counts(lm_runs):
             line + "\n" for line in (src / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 10))
         shutil.rmtree(dst / "tb")
         _close(_run(cfg, dst, nproc), ref)
+
+
+def test_imports_do_not_start_a_jax_backend():
+    """jax.distributed.initialize must run before any backend starts: importing the package's
+    modules (CLI, trainer, every component) may not touch a device (e.g. jnp arrays at module level)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, jax._src.xla_bridge as xb, cosyvoice2_jax as P\n"
+            "names = [m.name for m in pkgutil.walk_packages(P.__path__, 'cosyvoice2_jax.')\n"
+            "         if '.serve.ray_app' not in m.name]\n"
+            "started = []\n"
+            "for n in names:\n"
+            "    importlib.import_module(n)\n"
+            "    if xb._backends and not started: started.append(n)\n"
+            "print('STARTED', started)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "STARTED []" in out.stdout, f"a module starts the JAX backend at import: {out.stdout}"

@@ -39,6 +39,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..config import FlowConfig, FlowStudentConfig, TScheduler
 from ..errors import ConfigError
@@ -46,7 +47,7 @@ from ..errors import ConfigError
 Array = jax.Array
 METHODS = ("guidance", "meanflow", "reflow")
 STUDENT_INPUTS_OF = {"guidance": ("w",), "meanflow": ("d",), "reflow": ()}
-GRID_STEPS = jnp.asarray([[0.0, 1.0], [0.0, 0.5], [0.5, 1.0]], jnp.float32)  # (t, r) of 1- and 2-step grids
+GRID_STEPS = np.asarray([[0.0, 1.0], [0.0, 0.5], [0.5, 1.0]], np.float32)  # (t, r) of 1-/2-step grids; numpy: no backend at import
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +156,7 @@ def draw_times(key: Array, batch: int, opts: DistillOptions) -> tuple[Array, Arr
     ``t ~ U(0, 1)``, ``r ~ U(t, 1)`` with ``r = t`` for ``flow_ratio`` of them."""
     kg, ki, kt, kr, kf = jax.random.split(key, 5)
     on_grid = jax.random.uniform(kg, (batch,)) < opts.grid_ratio
-    g = GRID_STEPS[jax.random.randint(ki, (batch,), 0, GRID_STEPS.shape[0])]
+    g = jnp.asarray(GRID_STEPS)[jax.random.randint(ki, (batch,), 0, GRID_STEPS.shape[0])]
     t = jax.random.uniform(kt, (batch,))
     r = t + (1.0 - t) * jax.random.uniform(kr, (batch,))
     r = jnp.where(jax.random.uniform(kf, (batch,)) < opts.flow_ratio, t, r)

@@ -465,10 +465,12 @@ def sample_arrays(estimate: Estimate, x0: Array, structure: tuple, arrays: Mappi
     return solve(velocity, x0, arrays["ts"], solver, state)
 
 
-def sample(estimate: Estimate, x0: Array, sampler: SamplerConfig = SamplerConfig(), state: Any = None
+def sample(estimate: Estimate, x0: Array, sampler: SamplerConfig | None = None, state: Any = None
            ) -> tuple[Array, Any]:
     """Integrate the flow from the noise ``x0 (B, F, C)`` with ``sampler``; jit-able (``sampler``
-    static). ``estimate(x_rows (rows(sampler) * B, F, C), t, k, state) -> (v_rows, state)``."""
+    static; ``None``: the official sampler). ``estimate(x_rows (rows(sampler) * B, F, C), t, k, state)
+    -> (v_rows, state)``."""
+    sampler = SamplerConfig() if sampler is None else sampler
     return sample_arrays(estimate, x0, sampler.structure, guidance_arrays(sampler), state)
 
 
