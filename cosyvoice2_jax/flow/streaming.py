@@ -48,8 +48,22 @@ the real prefix rather than the capacity.
 
 Memory (fp32, full size): the estimator caches dominate: ``2 (k, v) x n_evals x 2 rows x
 n_blocks x heads * head_dim`` values per frame, 4.6 MB per mel frame for 10 Euler steps (56 blocks
-of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it,
-``flow.dtype: bfloat16`` halves it (caches are kept in the compute dtype).
+of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it.
+Three knobs bound it:
+
+* ``initial_frames="request"``: caches start at the smallest tier (``key_block`` times a power of
+  two) that holds the prompt and the first chunk, and double when a push needs room;
+* ``cache_dtype="bfloat16"``: attention caches stored in bf16 (half the bytes; keys/values are
+  rounded once when written and computed in the flow's dtype otherwise; deviation from fp32 caches
+  measured in tests/test_flow_streaming.py and the README); ``flow.dtype: bfloat16`` does the same
+  and computes in bf16 too;
+* ``memory_budget_bytes``: a stream whose caches would outgrow the budget (at start or when they
+  grow) drops them and continues on the recompute path (``modeling.inference_batch`` from token 0
+  for every later chunk, the official runtime's method): the same frames (float tolerance), memory
+  bounded by one offline call, cost growing with the prefix as in the official code.
+
+A state's caches are freed when the state is dropped (the pipeline drops it before its final,
+unmasked chunk).
 
 The official runtime's last chunk runs *without* chunk masks (``token2wav(..., finalize=True)``
 passes no ``streaming`` flag), which changes every frame and cannot be cached;
@@ -74,6 +88,7 @@ from ..layers.attention import KV, Window
 from . import cfm as cfm_lib
 from .decoder import init_decoder_cache
 from .encoder import init_encoder_cache
+from . import modeling as flow_model
 from .modeling import CausalMaskedDiffWithXvec, compute_dtype
 
 Array = jax.Array
@@ -120,7 +135,13 @@ class FlowStreamState(NamedTuple):
     emitted: int
     committed: int
     finalized: bool
-    caches: StreamCaches
+    caches: StreamCaches | None
+    prompt: Any = None  # (prompt_feat, embedding) on the host, for the recompute fallback
+
+    @property
+    def recompute(self) -> bool:
+        """True once the stream runs on the recompute path (no caches; memory budget)."""
+        return self.caches is None
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -189,12 +210,19 @@ class FlowStreamer:
         capacity and double up to ``max_frames`` when needed (one more compile per tier).
       noise: ``"official"`` (fixed noise of the release), a ``jax.random`` key, or an array
         ``(>= max_frames, n_mels)``; frame ``f`` of every request uses row ``f``.
+        ``"request"``: start at the smallest tier (``key_block * 2**k``, at most ``max_frames``) that
+        holds the prompt and its first chunk, then double likewise.
       key_block: attention reads cache prefixes in buckets of this many frames.
+      cache_dtype: dtype of the attention caches (``None``: the flow's compute dtype;
+        ``"bfloat16"`` halves the cache memory, module docstring).
+      memory_budget_bytes: per-stream cap on the cache bytes; past it the stream falls back to the
+        recompute path (module docstring). ``None``: no cap (``max_frames`` bounds the caches).
     """
 
     def __init__(self, params, cfg: FlowConfig, *, max_frames: int = 4096, noise: Any = "official",
                  n_timesteps: int | None = None, cfg_rate: float | None = None, key_block: int = 200,
-                 initial_frames: int | None = None):
+                 initial_frames: int | str | None = None, cache_dtype: Any = None,
+                 memory_budget_bytes: int | None = None):
         ec, dc = cfg.encoder, cfg.decoder
         r, chunk = cfg.token_mel_ratio, ec.static_chunk_size
         if ec.upsample_stride != r or dc.static_chunk_size != r * chunk or len(dc.channels) != 1:
@@ -207,10 +235,13 @@ class FlowStreamer:
         if max_frames <= 0 or max_frames % (r * chunk):
             raise ConfigError(f"max_frames={max_frames} must be a positive multiple of {r * chunk} "
                               f"(token_mel_ratio * static_chunk_size)")
-        if initial_frames is not None and (initial_frames <= 0 or initial_frames % (r * chunk)
-                                           or initial_frames > max_frames):
+        if initial_frames == "request":
+            pass
+        elif initial_frames is not None and (isinstance(initial_frames, str) or initial_frames <= 0
+                                             or initial_frames % (r * chunk) or initial_frames > max_frames):
             raise ConfigError(f"initial_frames={initial_frames} must be a positive multiple of {r * chunk} and at "
-                              f"most max_frames={max_frames} (or None: allocate max_frames at start)")
+                              f"most max_frames={max_frames} (or None: allocate max_frames at start; 'request': "
+                              "size to the prompt)")
         if key_block <= 0 or key_block % r:
             raise ConfigError(f"key_block={key_block} must be a positive multiple of token_mel_ratio={r}")
         self.params, self.cfg = params, cfg
@@ -222,6 +253,14 @@ class FlowStreamer:
         self.cfg_rate = jnp.float32(cfg.cfm.inference_cfg_rate if cfg_rate is None else cfg_rate)
         self.ts = cfm_lib.t_span(self.n_timesteps, cfg.cfm.t_scheduler)
         self.dtype = compute_dtype(cfg)
+        try:
+            self.cache_dtype = self.dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+        except TypeError:
+            raise ConfigError(f"cache_dtype={cache_dtype!r} is not a dtype; use float32 or bfloat16") from None
+        if memory_budget_bytes is not None and memory_budget_bytes < 0:
+            raise ConfigError(f"memory_budget_bytes={memory_budget_bytes} must be >= 0 (or None: no budget)")
+        self.memory_budget_bytes = memory_budget_bytes
+        self.noise_arg = noise
         if isinstance(noise, str) or cfm_lib.is_prng_key(noise):
             self.noise = cfm_lib.initial_noise(noise, 1, max_frames, cfg.output_size)[0]
         else:
@@ -235,17 +274,47 @@ class FlowStreamer:
     # ---- helpers
     def _zero_caches(self, spk: Array, cond: Array, frames: int) -> StreamCaches:
         cfg = self.cfg
+        kv_dtype = functools.partial(jax.tree.map, lambda x: KV(x.k.astype(self.cache_dtype), x.v.astype(self.cache_dtype))
+                                     if isinstance(x, KV) else x, is_leaf=lambda x: isinstance(x, KV))
         return StreamCaches(spk=spk, cond=cond,
-                            enc=init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype),
-                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), 2, frames, self.dtype))
+                            enc=kv_dtype(init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype)),
+                            dec=kv_dtype(init_decoder_cache(cfg.decoder, (self.n_evals,), 2, frames, self.dtype)))
+
+    def cache_bytes(self, frames: int) -> int:
+        """Device bytes of one stream's caches at a capacity of ``frames`` mel frames (no compute)."""
+        shapes = jax.eval_shape(lambda: self._zero_caches(jnp.zeros((self.cfg.output_size,)),
+                                                          jnp.zeros((self.max_frames, self.cfg.output_size)), frames))
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+    def _capacity(self, frames: int, tokens_needed: int) -> int:
+        """The tier ``frames * 2**k`` (at most ``max_frames``) that holds ``tokens_needed`` tokens."""
+        r = self.cfg.token_mel_ratio
+        while frames < r * tokens_needed:
+            frames = min(self.max_frames, 2 * frames)
+        return frames
+
+    def _within_budget(self, frames: int) -> bool:
+        return self.memory_budget_bytes is None or self.cache_bytes(frames) <= self.memory_budget_bytes
+
+    def _recompute(self, state: FlowStreamState, all_tok: np.ndarray, E: int, finalize: bool) -> np.ndarray:
+        """The official recompute path for the frames of tokens ``[emitted, E)`` (no caches)."""
+        cfg, r = self.cfg, self.cfg.token_mel_ratio
+        feat, emb = state.prompt
+        S0, n = state.n_prompt, all_tok.shape[0]
+        F = r * flow_model.packed_length(n)
+        z = self.noise[:F]
+        if z.shape[0] < F:  # rows past the tokens are padding; any value
+            z = jnp.pad(z, ((0, F - z.shape[0]), (0, 0)))
+        mels, _ = flow_model.inference_batch(
+            self.params, cfg, all_tok[S0:][None], [n - S0], all_tok[:S0][None], [S0], feat[None], [feat.shape[0]],
+            emb[None], streaming=True, finalize=finalize, noise=z, n_timesteps=self.n_timesteps,
+            cfg_rate=float(self.cfg_rate), solver=self.solver, t_scheduler=cfg.cfm.t_scheduler)
+        return mels[0][r * (state.emitted - S0): r * (E - S0)]
 
     def _grow(self, caches: StreamCaches, tokens_needed: int) -> StreamCaches:
         """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit."""
-        r = self.cfg.token_mel_ratio
         frames = caches.frames
-        new = frames
-        while new < r * tokens_needed:
-            new = min(self.max_frames, 2 * new)
+        new = self._capacity(frames, tokens_needed)
         if new == frames:
             return caches
 
@@ -287,10 +356,18 @@ class FlowStreamer:
         if first > self.max_frames:
             raise StreamingError(f"the prompt ({prompt_feat.shape[0]} frames) leaves no room in max_frames="
                                  f"{self.max_frames}; build the FlowStreamer with a larger max_frames")
+        frames = self.initial_frames
+        if frames == "request":  # the tier holding the prompt and its first (padded) chunk
+            chunk, r = cfg.encoder.static_chunk_size, cfg.token_mel_ratio
+            base = min(self.max_frames, -(-self.key_block // (r * chunk)) * r * chunk)
+            frames = self._capacity(base, -(-S0 // chunk) * chunk + chunk)
+        state = FlowStreamState(tokens=prompt_token, n_prompt=S0, emitted=S0, committed=0, finalized=False,
+                                caches=None, prompt=(prompt_feat, embedding))
+        if not self._within_budget(frames):  # memory budget: recompute path from the start
+            return state
         cond = jnp.zeros((self.max_frames, cfg.output_size), jnp.float32).at[: prompt_feat.shape[0]].set(prompt_feat)
         spk = _speaker(self.params, jnp.asarray(embedding)[None], cfg=cfg)[0]
-        return FlowStreamState(tokens=prompt_token, n_prompt=S0, emitted=S0, committed=0, finalized=False,
-                               caches=self._zero_caches(spk, cond, self.initial_frames))
+        return state._replace(caches=self._zero_caches(spk, cond, frames))
 
     def push(self, state: FlowStreamState, tokens: np.ndarray, finalize: bool) -> tuple[FlowStreamState, np.ndarray]:
         """Add ``tokens`` (all new speech tokens) and return the new mel frames ``(F, n_mels)``."""
@@ -311,6 +388,12 @@ class FlowStreamer:
             raise StreamingError(f"this push needs {r * (C + W)} mel frames of cache (prompt + tokens so far, rounded "
                                  f"up to the {chunk}-token chunk) but max_frames={self.max_frames}; build the "
                                  "FlowStreamer with a larger max_frames or split the utterance")
+        if state.caches is not None and not self._within_budget(self._capacity(state.caches.frames, C + W)):
+            state = state._replace(caches=None)  # past the memory budget: drop the caches, recompute from here on
+        if state.caches is None:
+            out = self._recompute(state, all_tok, E, finalize)
+            return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
+                                  finalized=bool(finalize)), out
         caches = self._grow(state.caches, C + W)
         pos = np.arange(C, C + W + L)
         ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
@@ -318,8 +401,8 @@ class FlowStreamer:
                              jnp.asarray(ids), np.int32(C), np.int32(E), np.int32(n),
                              cfg=cfg, W=W, key_block=self.key_block, solver=self.solver)
         out = np.asarray(mel)[r * (state.emitted - C): r * (E - C)]
-        return FlowStreamState(tokens=all_tok, n_prompt=state.n_prompt, emitted=E, committed=(E // chunk) * chunk,
-                               finalized=bool(finalize), caches=caches), out
+        return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
+                              finalized=bool(finalize), caches=caches), out
 
 
 def official_pushes(n_prompt: int, n_tokens: int, *, hop: int = 25, max_hop: int = 25, scale: int = 2,
