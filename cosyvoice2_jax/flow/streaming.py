@@ -40,7 +40,9 @@ boundary ``C`` ("committed") to the new end ``E`` of frame-producing tokens:
   of 25; hops of 25, or 25 -> 50 -> 100) leave no partial chunk before the final push.
 
 Fixed shapes: caches hold ``max_frames`` mel frames (prompt included) and the window is rounded
-up to a multiple of the chunk, so there is one compiled program per window length (= hop).
+up to a multiple of the chunk and computed in pieces of ``chunk * 2**k`` tokens up to
+``max_window`` (25, 50, 100), so there are at most three compiled programs per capacity whatever
+the prompt length and hop.
 With ``initial_frames`` the caches start smaller and double up to ``max_frames`` when a push
 needs room (one more program per capacity tier). Attention reads only the cache prefix that
 covers the window, in buckets of ``key_block`` frames (one ``lax.switch``), so its cost follows
@@ -217,12 +219,15 @@ class FlowStreamer:
         ``"bfloat16"`` halves the cache memory, module docstring).
       memory_budget_bytes: per-stream cap on the cache bytes; past it the stream falls back to the
         recompute path (module docstring). ``None``: no cap (``max_frames`` bounds the caches).
+      max_window: a push computes its tokens in windows of ``chunk * 2**k`` tokens up to this many
+        (e.g. 25, 50, 100), so few programs compile whatever the prompt length; ``None``: one window
+        per push (one program per push length).
     """
 
     def __init__(self, params, cfg: FlowConfig, *, max_frames: int = 4096, noise: Any = "official",
                  n_timesteps: int | None = None, cfg_rate: float | None = None, key_block: int = 200,
                  initial_frames: int | str | None = None, cache_dtype: Any = None,
-                 memory_budget_bytes: int | None = None):
+                 memory_budget_bytes: int | None = None, max_window: int | None = 100):
         ec, dc = cfg.encoder, cfg.decoder
         r, chunk = cfg.token_mel_ratio, ec.static_chunk_size
         if ec.upsample_stride != r or dc.static_chunk_size != r * chunk or len(dc.channels) != 1:
@@ -242,6 +247,10 @@ class FlowStreamer:
             raise ConfigError(f"initial_frames={initial_frames} must be a positive multiple of {r * chunk} and at "
                               f"most max_frames={max_frames} (or None: allocate max_frames at start; 'request': "
                               "size to the prompt)")
+        if max_window is not None and (max_window < chunk or max_window % chunk):
+            raise ConfigError(f"max_window={max_window} must be a positive multiple of the chunk ({chunk} tokens) "
+                              "or None")
+        self.max_window = max_window
         if key_block <= 0 or key_block % r:
             raise ConfigError(f"key_block={key_block} must be a positive multiple of token_mel_ratio={r}")
         self.params, self.cfg = params, cfg
@@ -395,14 +404,33 @@ class FlowStreamer:
             return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
                                   finalized=bool(finalize)), out
         caches = self._grow(state.caches, C + W)
-        pos = np.arange(C, C + W + L)
-        ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
-        caches, mel = _chunk(self.params, self.tables, self.noise, self.ts, self.cfg_rate, caches,
-                             jnp.asarray(ids), np.int32(C), np.int32(E), np.int32(n),
-                             cfg=cfg, W=W, key_block=self.key_block, solver=self.solver)
-        out = np.asarray(mel)[r * (state.emitted - C): r * (E - C)]
+        outs, emitted = [], state.emitted
+        for w in self._windows(W):  # fixed window lengths: a bounded number of programs per capacity
+            e = min(E, C + w)
+            pos = np.arange(C, C + w + L)
+            ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
+            caches, mel = _chunk(self.params, self.tables, self.noise, self.ts, self.cfg_rate, caches,
+                                 jnp.asarray(ids), np.int32(C), np.int32(e), np.int32(n),
+                                 cfg=cfg, W=w, key_block=self.key_block, solver=self.solver)
+            outs.append(np.asarray(mel)[r * (emitted - C): r * (e - C)])
+            emitted, C = e, C + w
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)
         return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
                               finalized=bool(finalize), caches=caches), out
+
+    def _windows(self, W: int) -> list[int]:
+        """``W`` tokens (a multiple of the chunk) as windows of ``chunk * 2**k <= max_window`` tokens,
+        largest first (125 -> [100, 25]); one window of ``W`` when ``max_window`` is None."""
+        chunk = self.cfg.encoder.static_chunk_size
+        if self.max_window is None:
+            return [W]
+        out, left = [], W // chunk
+        while left:
+            k = min(left, self.max_window // chunk)
+            k = 1 << (k.bit_length() - 1)
+            out.append(k * chunk)
+            left -= k
+        return out
 
 
 def official_pushes(n_prompt: int, n_tokens: int, *, hop: int = 25, max_hop: int = 25, scale: int = 2,
