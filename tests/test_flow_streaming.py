@@ -186,6 +186,18 @@ def test_heun_equals_recompute(params):
     assert_chunks_equal(got, recompute(params, inp, pushes, cfg=cfg), "heun, 3 steps")
 
 
+def test_split_windows_equal_recompute(params, streamer):
+    # a push of 125 tokens runs as windows of 100 + 25, one of 75 as 50 + 25 (programs of the tests
+    # above: no new compile); the frames equal the recompute path
+    assert streamer._windows(125) == [100, 25] and streamer._windows(75) == [50, 25]
+    assert streamer._windows(300) == [100, 100, 100]
+    inp = make_inputs(6, 40, 88 + 75 + 20)
+    pushes = [(88, False), (75, False), (20, True)]
+    got = run_stream(streamer, inp, pushes)
+    assert [g.shape[0] for g in got] == [2 * 85, 2 * 75, 2 * 23]
+    assert_chunks_equal(got, recompute(params, inp, pushes), "split windows")
+
+
 def test_compile_count(params, streamer, compiles):
     inp = make_inputs(4, 25, 25 * 3 + 10)
     pushes = official_pushes(25, len(inp["token"]))
@@ -207,7 +219,7 @@ def test_request_sized_caches_and_cache_bytes(params):
     # bytes: linear in the capacity; bf16 attention caches halve the K/V part
     half = FlowStreamer(params, CFG, max_frames=800, key_block=200, cache_dtype="bfloat16")
     kv32 = fs.cache_bytes(800) - fs.cache_bytes(400)
-    assert kv32 == fs.cache_bytes(400) - fs.cache_bytes(200) > 0
+    assert kv32 == 2 * (fs.cache_bytes(400) - fs.cache_bytes(200)) > 0  # K/V of 400, then of 200 frames
     assert half.cache_bytes(800) - half.cache_bytes(400) == kv32 // 2
     st = half.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"])
     assert st.caches.dec["final_block"].dtype == np.float32 and st.caches.enc["encoders_0"].k.dtype == jnp.bfloat16
@@ -243,7 +255,8 @@ def test_memory_budget_falls_back_to_recompute(params):
 
 @pytest.mark.slow
 def test_bf16_caches_deviation(params, streamer):
-    """bf16 attention caches vs fp32 (same fp32 compute): the deviation is stated in the README."""
+    """bf16 attention caches vs fp32 (same fp32 compute): measured 1.1e-3 max abs on mels of max 5.4
+    (tiny config, 8 chunks); docs/performance.md states it."""
     inp = make_inputs(1, 25, 25 * 7 + 13)
     pushes = official_pushes(25, len(inp["token"]))
     want = run_stream(streamer, inp, pushes)
@@ -251,7 +264,7 @@ def test_bf16_caches_deviation(params, streamer):
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
     scale = max(float(np.abs(w).max()) for w in want)
     print(f"[stream] bf16 caches: max abs diff {diff:.3g} (mel max {scale:.3g})")
-    assert 0 < diff < 0.05 * scale
+    assert 0 < diff < 1e-3 * scale
 
 
 # ----------------------------------------------------------------------------- errors
