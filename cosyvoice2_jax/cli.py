@@ -221,6 +221,19 @@ def _outputs(args, texts: list[tuple[int, str]]) -> list[Path]:
     return paths
 
 
+def enable_compilation_cache(path: Path | None = None) -> None:
+    """JAX's persistent compilation cache in ``path`` (default ``<cache root>/xla``) for *every*
+    program: no minimum compile time or size (the default 1 s minimum left the many sub-second
+    programs of a tiny model, and the small eager ones, to be recompiled by every process)."""
+    import jax
+
+    from .pipeline.loading import cache_root
+
+    jax.config.update("jax_compilation_cache_dir", str(path or cache_root() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def cmd_synth(args) -> int:
     import time
 
@@ -235,12 +248,7 @@ def cmd_synth(args) -> int:
     if not is_converted(args.model_dir):
         check_release_dir(args.model_dir)
     if not args.no_cache:  # compiled programs persist too: the second run skips XLA compilation
-        import jax
-
-        from .pipeline.loading import cache_root
-
-        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        enable_compilation_cache()
     from .pipeline.model import CosyVoice2
 
     t0 = time.perf_counter()
@@ -339,12 +347,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise CosyVoiceError(f"the server needs the serve extra ({e.name} is missing): pip install -e '.[serve]'")
     if not args.no_cache:
-        import jax
-
-        from .pipeline.loading import cache_root
-
-        jax.config.update("jax_compilation_cache_dir", str(args.xla_cache or cache_root() / "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        enable_compilation_cache(args.xla_cache)
     from .config import StreamingConfig
 
     streaming = StreamingConfig(stream_scale_factor=args.stream_hop_growth)

@@ -366,6 +366,11 @@ class StreamingConfig:
     mel_cache_len: int = 8  # frames
     # the source/audio tail held back per chunk is mel_cache_len frames of samples
     # (ModelConfig.source_cache_len); the Hamming fade window spans twice that
+    # cached streaming flow (flow/streaming.py): attention-cache dtype (None: the flow's dtype;
+    # "bfloat16" halves the memory) and a per-stream cache budget in MiB past which a stream
+    # falls back to the official recompute path (None: no budget)
+    flow_cache_dtype: str | None = None
+    flow_cache_budget_mb: float | None = None
 
 
 

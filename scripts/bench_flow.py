@@ -50,8 +50,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[50, 200])
     ap.add_argument("--prompt-tokens", type=int, default=75)
     ap.add_argument("--streaming", action="store_true")
-    ap.add_argument("--token-bucket", type=int, default=25,
-                    help="pad prompt+tokens to a multiple of this (75+50 and 75+200 are multiples of 25: no padding)")
+    ap.add_argument("--token-bucket", type=int, default=None,
+                    help="pad prompt+tokens to a multiple of this (default: the library's geometric bucket, "
+                         "modeling.packed_length)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default 2); 1 also pins XLA to one thread (per-core comparison, "
                          "robust to other load on the machine)")
@@ -88,6 +89,7 @@ def main() -> None:
             jx = statistics.median(times)
             results.append({
                 "tokens": n, "prompt_tokens": args.prompt_tokens, "frames_total": 2 * (n + args.prompt_tokens),
+                "frames_computed": 2 * modeling.packed_length(n + args.prompt_tokens, args.token_bucket),
                 "official_s": round(off, 3), "official_all_s": [round(float(t), 3) for t in ref["times"]],
                 "jax_s": round(jx, 3), "jax_all_s": [round(t, 3) for t in times],
                 "jax_first_call_s": round(first, 2), "ratio_jax_over_official": round(jx / off, 3),

@@ -300,12 +300,12 @@ def test_bucketed_shapes_do_not_recompile(params, compiles):
     emb = r.normal(size=(1, 192)).astype(np.float32)
     pf = r.normal(size=(1, 20, 80)).astype(np.float32)
     pt = r.integers(0, 6561, (1, 10))
-    modeling.inference(params, CFG, r.integers(0, 6561, (1, 21)), pt, pf, emb)  # bucket 50 tokens
+    modeling.inference(params, CFG, r.integers(0, 6561, (1, 121)), pt, pf, emb)  # 131 packed -> bucket 136
     compiles.mark()
-    for n in (22, 30, 39):  # same bucket: no new compilation
+    for n in (122, 126):  # same bucket: no new compilation
         modeling.inference(params, CFG, r.integers(0, 6561, (1, n)), pt, pf, emb)
     assert not [n for n in compiles.since() if "_solve_packed" in n]
-    modeling.inference(params, CFG, r.integers(0, 6561, (1, 95)), pt, pf, emb)  # 105 tokens: a new bucket
+    modeling.inference(params, CFG, r.integers(0, 6561, (1, 127)), pt, pf, emb)  # 137 tokens: bucket 144
     assert [n for n in compiles.since() if "_solve_packed" in n] == ["jit(_solve_packed)"]
 
 
@@ -329,6 +329,16 @@ def test_sampler_programs_keyed_by_structure(params, compiles):
     assert np.abs(a - b).max() > 1e-3  # the grid and weight reached the solve
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(a, d)
+
+
+def test_packed_length_padding_bound():
+    """Geometric buckets: < 1/16 padding from 128 packed tokens up, 16 programs per octave."""
+    for n in range(128, 4097):
+        b = modeling.packed_length(n)
+        assert n <= b and (b - n) / n < 1 / 16, (n, b)
+    assert len({modeling.packed_length(n) for n in range(129, 257)}) == 16
+    assert len({modeling.packed_length(n) for n in range(1, 1025)}) == 64
+    assert modeling.packed_length(162) == 168 and modeling.packed_length(162, 50) == 200
 
 
 def test_inference_input_errors(params):

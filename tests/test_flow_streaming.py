@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -185,6 +186,18 @@ def test_heun_equals_recompute(params):
     assert_chunks_equal(got, recompute(params, inp, pushes, cfg=cfg), "heun, 3 steps")
 
 
+def test_split_windows_equal_recompute(params, streamer):
+    # a push of 125 tokens runs as windows of 100 + 25, one of 75 as 50 + 25 (programs of the tests
+    # above: no new compile); the frames equal the recompute path
+    assert streamer._windows(125) == [100, 25] and streamer._windows(75) == [50, 25]
+    assert streamer._windows(300) == [100, 100, 100]
+    inp = make_inputs(6, 40, 88 + 75 + 20)
+    pushes = [(88, False), (75, False), (20, True)]
+    got = run_stream(streamer, inp, pushes)
+    assert [g.shape[0] for g in got] == [2 * 85, 2 * 75, 2 * 23]
+    assert_chunks_equal(got, recompute(params, inp, pushes), "split windows")
+
+
 def test_compile_count(params, streamer, compiles):
     inp = make_inputs(4, 25, 25 * 3 + 10)
     pushes = official_pushes(25, len(inp["token"]))
@@ -194,6 +207,64 @@ def test_compile_count(params, streamer, compiles):
     inp = make_inputs(5, 25, 25 * 6 + 4)
     run_stream(other, inp, official_pushes(25, len(inp["token"])))
     assert not [n for n in compiles.since() if "_chunk" in n]
+
+
+# ----------------------------------------------------------------------------- memory
+def test_request_sized_caches_and_cache_bytes(params):
+    # "request": the smallest key_block * 2**k tier holding the prompt and its first chunk
+    fs = FlowStreamer(params, CFG, max_frames=800, initial_frames="request", key_block=200)
+    for S0, frames in ((17, 200), (80, 400), (180, 800)):  # (25 + 25, 100 + 25, 200 + 25 tokens) * 2 frames
+        inp = make_inputs(3, S0, 4)
+        assert fs.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"]).caches.frames == frames
+    # bytes: linear in the capacity; bf16 attention caches halve the K/V part
+    half = FlowStreamer(params, CFG, max_frames=800, key_block=200, cache_dtype="bfloat16")
+    kv32 = fs.cache_bytes(800) - fs.cache_bytes(400)
+    assert kv32 == 2 * (fs.cache_bytes(400) - fs.cache_bytes(200)) > 0  # K/V of 400, then of 200 frames
+    assert half.cache_bytes(800) - half.cache_bytes(400) == kv32 // 2
+    st = half.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"])
+    assert st.caches.dec["final_block"].dtype == np.float32 and st.caches.enc["encoders_0"].k.dtype == jnp.bfloat16
+    assert int(sum(x.nbytes for x in jax.tree.leaves(st.caches))) == half.cache_bytes(800)
+
+
+def test_memory_budget_falls_back_to_recompute(params):
+    # caches allowed up to 400 frames: the pushes of test_unaligned_pushes_and_growing_caches run
+    # cached until the stream needs 450 frames, then drop the caches and recompute from token 0
+    inp = make_inputs(3, 17, 220)
+    pushes = [(2, False), (20, False), (31, False), (9, False), (44, False), (30, False), (40, False), (30, False),
+              (14, True)]
+    probe = FlowStreamer(params, CFG, max_frames=800, key_block=200)
+    fs = FlowStreamer(params, CFG, max_frames=800, initial_frames=400, key_block=200,
+                      memory_budget_bytes=probe.cache_bytes(400))
+    st = fs.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"])
+    fed, got, modes = 0, [], []
+    for n, fin in pushes:
+        st, mel = fs.push(st, inp["token"][fed: fed + n], fin)
+        fed += n
+        got.append(mel)
+        modes.append(st.recompute)
+    assert modes == [False] * 7 + [True] * 2
+    assert_chunks_equal(got, recompute(params, inp, pushes), "budget fallback")
+    # a budget below the first tier: recompute from the start (no caches allocated)
+    tiny = FlowStreamer(params, CFG, max_frames=800, initial_frames="request", key_block=200, memory_budget_bytes=0)
+    assert tiny.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"]).caches is None
+    with pytest.raises(ConfigError, match="memory_budget_bytes"):
+        FlowStreamer(params, CFG, max_frames=800, memory_budget_bytes=-1)
+    with pytest.raises(ConfigError, match="cache_dtype"):
+        FlowStreamer(params, CFG, max_frames=800, cache_dtype="half-ish")
+
+
+@pytest.mark.slow
+def test_bf16_caches_deviation(params, streamer):
+    """bf16 attention caches vs fp32 (same fp32 compute): measured 1.1e-3 max abs on mels of max 5.4
+    (tiny config, 8 chunks); docs/performance.md states it."""
+    inp = make_inputs(1, 25, 25 * 7 + 13)
+    pushes = official_pushes(25, len(inp["token"]))
+    want = run_stream(streamer, inp, pushes)
+    got = run_stream(FlowStreamer(params, CFG, max_frames=800, key_block=200, cache_dtype="bfloat16"), inp, pushes)
+    diff = max(float(np.abs(g - w).max()) for g, w in zip(got, want))
+    scale = max(float(np.abs(w).max()) for w in want)
+    print(f"[stream] bf16 caches: max abs diff {diff:.3g} (mel max {scale:.3g})")
+    assert 0 < diff < 1e-3 * scale
 
 
 # ----------------------------------------------------------------------------- errors

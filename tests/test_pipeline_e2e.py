@@ -234,3 +234,31 @@ def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
     assert "not a CosyVoice2-0.5B release directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["synth", "--model-dir", str(release), "--mode", "karaoke", "--text", "Hi.", "--out", "x.wav"])
+
+
+@pytest.mark.slow
+def test_bench_e2e_smoke(release, tmp_path):
+    """scripts/bench_e2e.py end to end on the tiny release (no per-stage scripts: those are full size)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(repo), COSYVOICE2_JAX_CACHE=str(tmp_path / "cache"))
+    p = subprocess.run([sys.executable, str(repo / "scripts" / "bench_e2e.py"), "--model-dir", str(release),
+                        "--repeats", "1", "--modes", "zero_shot,vc", "--source-seconds", "2", "--no-stages",
+                        "--json", str(tmp_path / "b.json"), "--md", str(tmp_path / "b.md")],
+                       capture_output=True, text=True, env=env, cwd=str(repo))
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    for side in ("ours", "official"):
+        for mode in ("zero_shot", "vc"):
+            m = res[side]["modes"][mode]
+            assert 0 < m["stream_first_s"] <= m["stream_total_s"] and m["offline_s"] > 0
+        assert len(res[side]["vc_chunks"]["chunk_s"]) >= 2
+    assert len(res["fresh"]["ours"]) == 2 and res["fresh"]["official"]["peak_rss_gb"] > 0
+    assert all(r["first_chunk_from_start_s"] > r["load_s"] > 0 for r in res["fresh"]["ours"])
+    md = (tmp_path / "b.md").read_text()
+    assert "`inference_vc`, streaming: first chunk" in md and "peak RSS" in md and "Load average" in md

@@ -15,8 +15,10 @@ Public entry points:
 * :func:`inference` - the official single-utterance ``inference(token, prompt_token,
   prompt_feat, embedding, streaming, finalize)`` semantics (numpy in, numpy out).
 * :func:`inference_batch` - the same for a batch with per-row lengths (the official code asserts
-  batch 1); rows are packed ``prompt ++ tokens`` and padded to a bucket of ``token_bucket``
-  tokens, so requests of similar length reuse one compiled program.
+  batch 1); rows are packed ``prompt ++ tokens`` and padded to a geometric length bucket
+  (:func:`cosyvoice2_jax.buckets.geometric`: 16 per octave, under 6.25% padding, about 2% on
+  average, from 128 packed tokens up) or to a multiple of ``token_bucket``, so requests of similar
+  length reuse one compiled program.
 * :func:`training_loss` - the official ``forward`` loss given explicit random draws.
 
 A distilled student (``FlowConfig.student``, ``flow/distill.py``) runs the same code with one
@@ -38,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import buckets
 from ..config import STUDENT_INPUTS, FlowConfig, FlowTrainMasks, Solver, TScheduler
 from ..errors import ConfigError
 from ..layers.attention import Window, torch_linear
@@ -278,8 +281,10 @@ def resolve_sampler(cfg: FlowConfig, sampler: "sampling.SamplerConfig | None" = 
     return dataclasses.replace(s, **over) if over else s
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
+def packed_length(total: int, token_bucket: int | None = None) -> int:
+    """Padded packed length (tokens) of a row of ``total`` prompt + speech tokens: the geometric
+    bucket (``token_bucket=None``) or the next multiple of ``token_bucket``."""
+    return buckets.geometric(total) if token_bucket is None else buckets.round_up(total, token_bucket)
 
 
 def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len: Sequence[int],
@@ -287,7 +292,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
                     prompt_feat_len: Sequence[int], embedding: np.ndarray, *, streaming: bool = False,
                     finalize: bool = True, noise: Any = "official", sampler: "sampling.SamplerConfig | None" = None,
                     n_timesteps: int | None = None, cfg_rate: float | None = None, solver: Solver | str | None = None,
-                    t_scheduler: TScheduler | str | None = None, token_bucket: int = 50,
+                    t_scheduler: TScheduler | str | None = None, token_bucket: int | None = None,
                     place: Any = None) -> tuple[list[np.ndarray], np.ndarray]:
     """Batched official inference with per-row lengths.
 
@@ -302,7 +307,8 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
       sampler: a :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig` (default: the config's,
         ``cfg.inference_sampler``: the official 10 Euler steps, cosine grid, CFG 0.7);
         ``n_timesteps``/``cfg_rate``/``solver``/``t_scheduler`` override single fields of it.
-      token_bucket: packed rows are padded to a multiple of this many tokens.
+      token_bucket: packed rows are padded to a multiple of this many tokens; ``None`` (default): to a
+        geometric bucket (:func:`packed_length`; padding under 6.25%, bounded program count).
       place: optional ``array -> array`` applied to every per-row input (e.g. ``jax.device_put`` with
         a batch-sharded ``NamedSharding``: the solve then runs data-parallel over the mesh).
     Returns:
@@ -328,7 +334,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
     if np.any(pfl > 2 * out_tok):
         raise ConfigError("flow inference: prompt_feat is longer than twice the tokens that produce frames "
                           f"({pfl.tolist()} vs {(2 * out_tok).tolist()}); trim the prompt mel to 2 frames per prompt token")
-    S = _round_up(int(total.max()), token_bucket)
+    S = packed_length(int(total.max()), token_bucket)
     F = cfg.token_mel_ratio * S
     packed = np.zeros((B, S), np.int32)
     feat = np.zeros((B, F, cfg.output_size), np.float32)

@@ -29,14 +29,22 @@ class MelGenerator:
     (:class:`~cosyvoice2_jax.flow.streaming.FlowStreamer`, built on first use). All three integrate
     the flow ODE with ``sampler`` (a :class:`~cosyvoice2_jax.flow.sampling.SamplerConfig`; default
     ``cfg.inference_sampler``, the config's, official unless the config's ``flow.sampler`` says otherwise).
+
+    ``token_bucket``: ``None`` pads the packed prompt + tokens to a geometric bucket (under 6.25%
+    padding, :func:`cosyvoice2_jax.flow.modeling.packed_length`), an int to a multiple of it.
+    Streaming caches: ``initial_stream_frames`` (``"request"``: sized to the prompt, doubling on
+    demand; or a frame count), ``stream_cache_dtype`` and ``stream_memory_budget`` (bytes per stream,
+    recompute fallback past it) as :class:`~cosyvoice2_jax.flow.streaming.FlowStreamer`.
     """
 
-    def __init__(self, cfg: FlowConfig, params, *, token_bucket: int = 50, max_stream_frames: int = 6000,
-                 initial_stream_frames: int = 600, mesh=None, sampler: SamplerConfig | None = None):
+    def __init__(self, cfg: FlowConfig, params, *, token_bucket: int | None = None, max_stream_frames: int = 6000,
+                 initial_stream_frames: int | str = "request", stream_cache_dtype=None,
+                 stream_memory_budget: int | None = None, mesh=None, sampler: SamplerConfig | None = None):
         self.cfg, self.mesh, self.token_bucket = cfg, mesh, token_bucket
         self.sampler = flow_model.resolve_sampler(cfg, sampler)
         self.params = sharding.place_replicated(params, mesh)
         self.max_stream_frames, self.initial_stream_frames = max_stream_frames, initial_stream_frames
+        self.stream_cache_dtype, self.stream_memory_budget = stream_cache_dtype, stream_memory_budget
         self._streamer = None
 
     def set_sampler(self, sampler: SamplerConfig | None) -> None:
@@ -79,7 +87,9 @@ class MelGenerator:
         if self._streamer is None:
             from .streaming import FlowStreamer
 
-            # caches start at initial_stream_frames and double on demand (4.6 MB per frame at full size)
+            # caches start at initial_stream_frames and double on demand (4.6 MB per frame at full size, fp32)
             self._streamer = FlowStreamer(self.params, self.cfg, max_frames=self.max_stream_frames,
-                                          initial_frames=self.initial_stream_frames, sampler=self.sampler)
+                                          initial_frames=self.initial_stream_frames, sampler=self.sampler,
+                                          cache_dtype=self.stream_cache_dtype,
+                                          memory_budget_bytes=self.stream_memory_budget)
         return self._streamer

@@ -42,7 +42,9 @@ boundary ``C`` ("committed") to the new end ``E`` of frame-producing tokens:
   of 25; hops of 25, or 25 -> 50 -> 100) leave no partial chunk before the final push.
 
 Fixed shapes: caches hold ``max_frames`` mel frames (prompt included) and the window is rounded
-up to a multiple of the chunk, so there is one compiled program per window length (= hop).
+up to a multiple of the chunk and computed in pieces of ``chunk * 2**k`` tokens up to
+``max_window`` (25, 50, 100), so there are at most three compiled programs per capacity whatever
+the prompt length and hop.
 With ``initial_frames`` the caches start smaller and double up to ``max_frames`` when a push
 needs room (one more program per capacity tier). Attention reads only the cache prefix that
 covers the window, in buckets of ``key_block`` frames (one ``lax.switch``), so its cost follows
@@ -50,8 +52,22 @@ the real prefix rather than the capacity.
 
 Memory (fp32, full size): the estimator caches dominate: ``2 (k, v) x n_evals x rows x
 n_blocks x heads * head_dim`` values per frame, 4.6 MB per mel frame for 10 Euler steps (56 blocks
-of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it, guidance ``none`` halves it,
-``flow.dtype: bfloat16`` halves it (caches are kept in the compute dtype).
+of 8 x 64): 1200 frames (24 s with the prompt) take 5.5 GB, 4096 take 18.8 GB; Heun doubles it, guidance ``none`` (1 estimator row)
+halves it. Three knobs bound it:
+
+* ``initial_frames="request"``: caches start at the smallest tier (``key_block`` times a power of
+  two) that holds the prompt and the first chunk, and double when a push needs room;
+* ``cache_dtype="bfloat16"``: attention caches stored in bf16 (half the bytes; keys/values are
+  rounded once when written and computed in the flow's dtype otherwise; deviation from fp32 caches
+  measured in tests/test_flow_streaming.py and the README); ``flow.dtype: bfloat16`` does the same
+  and computes in bf16 too;
+* ``memory_budget_bytes``: a stream whose caches would outgrow the budget (at start or when they
+  grow) drops them and continues on the recompute path (``modeling.inference_batch`` from token 0
+  for every later chunk, the official runtime's method): the same frames (float tolerance), memory
+  bounded by one offline call, cost growing with the prefix as in the official code.
+
+A state's caches are freed when the state is dropped (the pipeline drops it before its final,
+unmasked chunk).
 
 The official runtime's last chunk runs *without* chunk masks (``token2wav(..., finalize=True)``
 passes no ``streaming`` flag), which changes every frame and cannot be cached;
@@ -78,6 +94,7 @@ from . import cfm as cfm_lib
 from . import sampling
 from .decoder import init_decoder_cache
 from .encoder import init_encoder_cache
+from . import modeling as flow_model
 from .modeling import CausalMaskedDiffWithXvec, compute_dtype, resolve_sampler, student_extra
 
 Array = jax.Array
@@ -125,7 +142,13 @@ class FlowStreamState(NamedTuple):
     emitted: int
     committed: int
     finalized: bool
-    caches: StreamCaches
+    caches: StreamCaches | None
+    prompt: Any = None  # (prompt_feat, embedding) on the host, for the recompute fallback
+
+    @property
+    def recompute(self) -> bool:
+        """True once the stream runs on the recompute path (no caches; memory budget)."""
+        return self.caches is None
 
 
 # ----------------------------------------------------------------------------- one chunk
@@ -199,14 +222,24 @@ class FlowStreamer:
         ``2 * static_chunk_size``); memory grows linearly with it (module docstring).
       initial_frames: if set (a multiple of ``2 * static_chunk_size``), caches start with this
         capacity and double up to ``max_frames`` when needed (one more compile per tier).
+        ``"request"``: start at the smallest tier (``key_block * 2**k``, at most ``max_frames``) that
+        holds the prompt and its first chunk, then double likewise.
       noise: ``"official"`` (fixed noise of the release), a ``jax.random`` key, or an array
         ``(>= max_frames, n_mels)``; frame ``f`` of every request uses row ``f``.
       key_block: attention reads cache prefixes in buckets of this many frames.
+      cache_dtype: dtype of the attention caches (``None``: the flow's compute dtype;
+        ``"bfloat16"`` halves the cache memory, module docstring).
+      memory_budget_bytes: per-stream cap on the cache bytes; past it the stream falls back to the
+        recompute path (module docstring). ``None``: no cap (``max_frames`` bounds the caches).
+      max_window: a push computes its tokens in windows of ``chunk * 2**k`` tokens up to this many
+        (e.g. 25, 50, 100), so few programs compile whatever the prompt length; ``None``: one window
+        per push (one program per push length).
     """
 
     def __init__(self, params, cfg: FlowConfig, *, max_frames: int = 4096, noise: Any = "official",
                  n_timesteps: int | None = None, cfg_rate: float | None = None, key_block: int = 200,
-                 initial_frames: int | None = None, sampler: sampling.SamplerConfig | None = None):
+                 initial_frames: int | str | None = None, sampler: sampling.SamplerConfig | None = None,
+                 cache_dtype: Any = None, memory_budget_bytes: int | None = None, max_window: int | None = 100):
         ec, dc = cfg.encoder, cfg.decoder
         r, chunk = cfg.token_mel_ratio, ec.static_chunk_size
         if ec.upsample_stride != r or dc.static_chunk_size != r * chunk or len(dc.channels) != 1:
@@ -219,10 +252,17 @@ class FlowStreamer:
         if max_frames <= 0 or max_frames % (r * chunk):
             raise ConfigError(f"max_frames={max_frames} must be a positive multiple of {r * chunk} "
                               f"(token_mel_ratio * static_chunk_size)")
-        if initial_frames is not None and (initial_frames <= 0 or initial_frames % (r * chunk)
-                                           or initial_frames > max_frames):
+        if initial_frames == "request":
+            pass
+        elif initial_frames is not None and (isinstance(initial_frames, str) or initial_frames <= 0
+                                             or initial_frames % (r * chunk) or initial_frames > max_frames):
             raise ConfigError(f"initial_frames={initial_frames} must be a positive multiple of {r * chunk} and at "
-                              f"most max_frames={max_frames} (or None: allocate max_frames at start)")
+                              f"most max_frames={max_frames} (or None: allocate max_frames at start; 'request': "
+                              "size to the prompt)")
+        if max_window is not None and (max_window < chunk or max_window % chunk):
+            raise ConfigError(f"max_window={max_window} must be a positive multiple of the chunk ({chunk} tokens) "
+                              "or None")
+        self.max_window = max_window
         if key_block <= 0 or key_block % r:
             raise ConfigError(f"key_block={key_block} must be a positive multiple of token_mel_ratio={r}")
         self.params = params
@@ -238,6 +278,14 @@ class FlowStreamer:
         self.arrays = sampling.guidance_arrays(self.sampler)
         self.cfg = cfg = dataclasses.replace(cfg, sampler=None)  # jit key: the sampler enters by structure only
         self.dtype = compute_dtype(cfg)
+        try:
+            self.cache_dtype = self.dtype if cache_dtype is None else jnp.dtype(cache_dtype)
+        except TypeError:
+            raise ConfigError(f"cache_dtype={cache_dtype!r} is not a dtype; use float32 or bfloat16") from None
+        if memory_budget_bytes is not None and memory_budget_bytes < 0:
+            raise ConfigError(f"memory_budget_bytes={memory_budget_bytes} must be >= 0 (or None: no budget)")
+        self.memory_budget_bytes = memory_budget_bytes
+        self.noise_arg = noise
         if isinstance(noise, str) or cfm_lib.is_prng_key(noise):
             self.noise = cfm_lib.initial_noise(noise, 1, max_frames, cfg.output_size)[0]
         else:
@@ -251,17 +299,46 @@ class FlowStreamer:
     # ---- helpers
     def _zero_caches(self, spk: Array, cond: Array, frames: int) -> StreamCaches:
         cfg = self.cfg
+        kv_dtype = functools.partial(jax.tree.map, lambda x: KV(x.k.astype(self.cache_dtype), x.v.astype(self.cache_dtype))
+                                     if isinstance(x, KV) else x, is_leaf=lambda x: isinstance(x, KV))
         return StreamCaches(spk=spk, cond=cond,
-                            enc=init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype),
-                            dec=init_decoder_cache(cfg.decoder, (self.n_evals,), self.rows, frames, self.dtype))
+                            enc=kv_dtype(init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype)),
+                            dec=kv_dtype(init_decoder_cache(cfg.decoder, (self.n_evals,), self.rows, frames, self.dtype)))
+
+    def cache_bytes(self, frames: int) -> int:
+        """Device bytes of one stream's caches at a capacity of ``frames`` mel frames (no compute)."""
+        shapes = jax.eval_shape(lambda: self._zero_caches(jnp.zeros((self.cfg.output_size,)),
+                                                          jnp.zeros((self.max_frames, self.cfg.output_size)), frames))
+        return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
+
+    def _capacity(self, frames: int, tokens_needed: int) -> int:
+        """The tier ``frames * 2**k`` (at most ``max_frames``) that holds ``tokens_needed`` tokens."""
+        r = self.cfg.token_mel_ratio
+        while frames < r * tokens_needed:
+            frames = min(self.max_frames, 2 * frames)
+        return frames
+
+    def _within_budget(self, frames: int) -> bool:
+        return self.memory_budget_bytes is None or self.cache_bytes(frames) <= self.memory_budget_bytes
+
+    def _recompute(self, state: FlowStreamState, all_tok: np.ndarray, E: int, finalize: bool) -> np.ndarray:
+        """The official recompute path for the frames of tokens ``[emitted, E)`` (no caches)."""
+        cfg, r = self.cfg, self.cfg.token_mel_ratio
+        feat, emb = state.prompt
+        S0, n = state.n_prompt, all_tok.shape[0]
+        F = r * flow_model.packed_length(n)
+        z = self.noise[:F]
+        if z.shape[0] < F:  # rows past the tokens are padding; any value
+            z = jnp.pad(z, ((0, F - z.shape[0]), (0, 0)))
+        mels, _ = flow_model.inference_batch(
+            self.params, cfg, all_tok[S0:][None], [n - S0], all_tok[:S0][None], [S0], feat[None], [feat.shape[0]],
+            emb[None], streaming=True, finalize=finalize, noise=z, sampler=self.sampler)
+        return mels[0][r * (state.emitted - S0): r * (E - S0)]
 
     def _grow(self, caches: StreamCaches, tokens_needed: int) -> StreamCaches:
         """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit."""
-        r = self.cfg.token_mel_ratio
         frames = caches.frames
-        new = frames
-        while new < r * tokens_needed:
-            new = min(self.max_frames, 2 * new)
+        new = self._capacity(frames, tokens_needed)
         if new == frames:
             return caches
 
@@ -303,10 +380,18 @@ class FlowStreamer:
         if first > self.max_frames:
             raise StreamingError(f"the prompt ({prompt_feat.shape[0]} frames) leaves no room in max_frames="
                                  f"{self.max_frames}; build the FlowStreamer with a larger max_frames")
+        frames = self.initial_frames
+        if frames == "request":  # the tier holding the prompt and its first (padded) chunk
+            chunk, r = cfg.encoder.static_chunk_size, cfg.token_mel_ratio
+            base = min(self.max_frames, -(-self.key_block // (r * chunk)) * r * chunk)
+            frames = self._capacity(base, -(-S0 // chunk) * chunk + chunk)
+        state = FlowStreamState(tokens=prompt_token, n_prompt=S0, emitted=S0, committed=0, finalized=False,
+                                caches=None, prompt=(prompt_feat, embedding))
+        if not self._within_budget(frames):  # memory budget: recompute path from the start
+            return state
         cond = jnp.zeros((self.max_frames, cfg.output_size), jnp.float32).at[: prompt_feat.shape[0]].set(prompt_feat)
         spk = _speaker(self.params, jnp.asarray(embedding)[None], cfg=cfg)[0]
-        return FlowStreamState(tokens=prompt_token, n_prompt=S0, emitted=S0, committed=0, finalized=False,
-                               caches=self._zero_caches(spk, cond, self.initial_frames))
+        return state._replace(caches=self._zero_caches(spk, cond, frames))
 
     def push(self, state: FlowStreamState, tokens: np.ndarray, finalize: bool) -> tuple[FlowStreamState, np.ndarray]:
         """Add ``tokens`` (all new speech tokens) and return the new mel frames ``(F, n_mels)``."""
@@ -327,15 +412,40 @@ class FlowStreamer:
             raise StreamingError(f"this push needs {r * (C + W)} mel frames of cache (prompt + tokens so far, rounded "
                                  f"up to the {chunk}-token chunk) but max_frames={self.max_frames}; build the "
                                  "FlowStreamer with a larger max_frames or split the utterance")
+        if state.caches is not None and not self._within_budget(self._capacity(state.caches.frames, C + W)):
+            state = state._replace(caches=None)  # past the memory budget: drop the caches, recompute from here on
+        if state.caches is None:
+            out = self._recompute(state, all_tok, E, finalize)
+            return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
+                                  finalized=bool(finalize)), out
         caches = self._grow(state.caches, C + W)
-        pos = np.arange(C, C + W + L)
-        ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
-        caches, mel = _chunk(self.params, self.tables, self.noise, self.arrays, caches,
-                             jnp.asarray(ids), np.int32(C), np.int32(E), np.int32(n),
-                             cfg=cfg, W=W, key_block=self.key_block, structure=self.sampler.structure)
-        out = np.asarray(mel)[r * (state.emitted - C): r * (E - C)]
-        return FlowStreamState(tokens=all_tok, n_prompt=state.n_prompt, emitted=E, committed=(E // chunk) * chunk,
-                               finalized=bool(finalize), caches=caches), out
+        outs, emitted = [], state.emitted
+        for w in self._windows(W):  # fixed window lengths: a bounded number of programs per capacity
+            e = min(E, C + w)
+            pos = np.arange(C, C + w + L)
+            ids = np.where(pos < n, all_tok[np.clip(pos, 0, n - 1)], 0).astype(np.int32)
+            caches, mel = _chunk(self.params, self.tables, self.noise, self.arrays, caches,
+                                 jnp.asarray(ids), np.int32(C), np.int32(e), np.int32(n),
+                                 cfg=cfg, W=w, key_block=self.key_block, structure=self.sampler.structure)
+            outs.append(np.asarray(mel)[r * (emitted - C): r * (e - C)])
+            emitted, C = e, C + w
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return state._replace(tokens=all_tok, emitted=E, committed=(E // chunk) * chunk,
+                              finalized=bool(finalize), caches=caches), out
+
+    def _windows(self, W: int) -> list[int]:
+        """``W`` tokens (a multiple of the chunk) as windows of ``chunk * 2**k <= max_window`` tokens,
+        largest first (125 -> [100, 25]); one window of ``W`` when ``max_window`` is None."""
+        chunk = self.cfg.encoder.static_chunk_size
+        if self.max_window is None:
+            return [W]
+        out, left = [], W // chunk
+        while left:
+            k = min(left, self.max_window // chunk)
+            k = 1 << (k.bit_length() - 1)
+            out.append(k * chunk)
+            left -= k
+        return out
 
 
 def official_pushes(n_prompt: int, n_tokens: int, *, hop: int = 25, max_hop: int = 25, scale: int = 2,

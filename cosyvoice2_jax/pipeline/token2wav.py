@@ -79,14 +79,15 @@ class Token2Wav:
 
     def __init__(self, cfg: ModelConfig, flow_params, hift_params, *, flow_cache: bool = True,
                  streaming: StreamingConfig | None = None, noise_fn: Optional[NoiseFn] = None,
-                 token_bucket: int = 50, max_stream_frames: int = 6000, initial_stream_frames: int = 600,
-                 mesh=None, sampler: SamplerConfig | None = None):
+                 token_bucket: int | None = None, max_stream_frames: int = 6000,
+                 initial_stream_frames: int | str = "request", mesh=None, sampler: SamplerConfig | None = None):
         self.cfg, self.mesh = cfg, mesh
-        self.stream_cfg = streaming or cfg.streaming
+        self.stream_cfg = s = streaming or cfg.streaming
+        budget = None if s.flow_cache_budget_mb is None else int(s.flow_cache_budget_mb * 2**20)
         # one flow sampler for every path (whole utterance, batch, cached and recomputed chunks, last chunk)
         self.flow = MelGenerator(cfg.flow, flow_params, token_bucket=token_bucket, mesh=mesh,
                                  max_stream_frames=max_stream_frames, initial_stream_frames=initial_stream_frames,
-                                 sampler=sampler)
+                                 stream_cache_dtype=s.flow_cache_dtype, stream_memory_budget=budget, sampler=sampler)
         self.vocoder = Vocoder(cfg.hift, hift_params, noise_fn=noise_fn, mesh=mesh)
         self.flow_cache = flow_cache
 
@@ -157,6 +158,7 @@ class Token2Wav:
                 yield vocode(mel, finalize=False)
                 offset += hop
                 hop = next(hops)
+        state = None  # free the flow caches before the final (offline) flow call
         if not tokens:
             raise ConfigError("streaming token2wav: the token source produced no speech tokens")
         # final chunk: the official runs the flow without chunk masks over everything
