@@ -34,7 +34,7 @@ import tempfile
 import unicodedata
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 

@@ -314,7 +314,6 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
     """One row per sampler (``COLUMNS`` + its config). ``perceptual``: the metrics to compute
     (default: every installed one, :func:`perceptual_available`; needs ``sweep.vocoder``)."""
     import jax
-    import jax.numpy as jnp
     from tqdm import tqdm
 
     from cosyvoice2_jax.flow import cfm

@@ -44,7 +44,7 @@ import dataclasses
 import functools
 import io
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -198,7 +198,6 @@ def plan_epoch(token_len: np.ndarray, cfg: DataConfig, epoch: int,
     """Batches (lists of row indices, ``-1`` = padding row) for one epoch; deterministic in
     ``(cfg.seed, epoch)``. Rows longer than the largest token bucket or outside the length limits
     are dropped."""
-    n = len(token_len)
     frames100 = token_len * 4  # 25 Hz tokens -> 100 Hz frames (the official filter unit)
     keep = (frames100 >= cfg.min_length) & (frames100 <= cfg.max_length) & (token_len > 0)
     keep &= token_len <= max(cfg.token_buckets)
