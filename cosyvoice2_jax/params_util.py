@@ -328,3 +328,28 @@ def init_sequence_model(module, key, channels: int, frames: int = 16) -> dict:
 
     feats = jnp.zeros((1, frames, channels), jnp.float32)
     return module.init(key, feats, jnp.full((1,), frames, jnp.int32))["params"]
+
+
+def redraw(params, seed: int):
+    """Variance-preserving random re-draw of every leaf of ``params`` (arrays or
+    ``jax.ShapeDtypeStruct`` shapes), as numpy float32, deterministic in ``seed``: matrices
+    ``N(0, 1 / fan_in)`` (embeddings ``N(0, 1)``), norm scales ``1 + N(0, 0.01)``, other vectors
+    ``N(0, 0.01)``. Random-weight studies use it: a framework's default init (zero biases, small
+    output layers) makes the flow almost insensitive to its inputs."""
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+    r = np.random.default_rng(seed)
+    out = []
+    for path, leaf in leaves:
+        name, shape = jax.tree_util.keystr(path), tuple(leaf.shape)
+        if "embedding" in name and len(shape) == 2:
+            v = r.normal(size=shape)
+        elif len(shape) >= 2:
+            v = r.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+        elif "scale" in name:
+            v = 1.0 + 0.1 * r.normal(size=shape)
+        else:
+            v = 0.1 * r.normal(size=shape)
+        out.append(np.asarray(v, np.float32))
+    return jax.tree_util.tree_unflatten(tree, out)

@@ -23,7 +23,6 @@
 # `CosyVoice2-0.5B` to measure the full-size flow. Outputs: `notebooks/out/03_streaming/`.
 
 # %%
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,24 +30,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = Path.cwd().resolve()
-while REPO != REPO.parent and not (REPO / "scripts" / "make_random_release.py").is_file():
-    REPO = REPO.parent
-sys.path.insert(0, str(REPO))
-OUT = Path(os.environ.get("COSYVOICE2_NOTEBOOK_OUT", REPO / "notebooks" / "out")).resolve() / "03_streaming"
-OUT.mkdir(parents=True, exist_ok=True)
+REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents)
+            if (p / "scripts" / "make_random_release.py").is_file())
+sys.path[:0] = [str(REPO), str(REPO / "scripts")]
+from make_random_release import notebook_release  # noqa: E402  (the project's release builder)
 
 MODEL_DIR = None  # e.g. REPO / "pretrained_models" / "CosyVoice2-0.5B" for the real weights
-
-if MODEL_DIR is None:
-    sys.path.insert(0, str(REPO / "scripts"))
-    import make_random_release as mrr  # the project's release builder (official modules, .oracle-venv)
-
-    MODEL_DIR = OUT / "CosyVoice2-tiny"
-    if not (MODEL_DIR / "llm.pt").is_file():
-        summary = mrr.make_release(MODEL_DIR, "tiny", seed=0, overwrite=True)
-        print(f"built {MODEL_DIR} in {summary['seconds']} s ({summary['total_mb']} MB)")
-print("model:", MODEL_DIR)
+OUT, MODEL_DIR = notebook_release("03_streaming", MODEL_DIR)  # a tiny random-weight release unless MODEL_DIR is set
 
 # %% [markdown]
 # ## The flow of the release

@@ -26,21 +26,9 @@ import optax
 
 
 def _redraw(tree, seed):
-    leaves, td = jax.tree_util.tree_flatten_with_path(tree)
-    r = np.random.default_rng(seed)
-    out = []
-    for path, leaf in leaves:
-        name, shape = jax.tree_util.keystr(path), leaf.shape
-        if "embedding" in name and len(shape) == 2:
-            v = r.normal(size=shape)
-        elif len(shape) >= 2:
-            v = r.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
-        elif "scale" in name:
-            v = 1.0 + 0.1 * r.normal(size=shape)
-        else:
-            v = 0.1 * r.normal(size=shape)
-        out.append(jnp.asarray(v, jnp.float32))
-    return jax.tree_util.tree_unflatten(td, out)
+    from cosyvoice2_jax import params_util
+
+    return jax.tree.map(jnp.asarray, params_util.redraw(tree, seed))
 
 
 def batch(rng: np.random.Generator, cfg, B: int, S: int) -> dict:

@@ -32,6 +32,7 @@ Prints one JSON line (files, sizes, seconds). Needs the oracle venv (``bash scri
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import json
 import shutil
@@ -337,6 +338,23 @@ def make_release(out_dir: str | Path, size: str = "tiny", seed: int = 0, overwri
             "total_mb": round(sum(files.values()) / 2**20, 2), "files": files,
             "params": {k[len("n_params_"):]: int(v) for k, v in counts.items() if k.startswith("n_params_")},
             "campplus_onnx_vs_torch_max_abs": float(abs(cam["emb_onnx"] - cam["emb_torch"]).max())}
+
+
+
+def notebook_release(name: str, model_dir=None, size: str = "tiny") -> tuple[Path, Path]:
+    """``(out, model_dir)`` for a notebook: its output folder ``$COSYVOICE2_NOTEBOOK_OUT/<name>``
+    (default ``notebooks/out/<name>`` in the repository), created; and ``model_dir``, or when it
+    is None a random-weight release of ``size`` built there once (kept for later runs)."""
+    root = Path(__file__).resolve().parents[1]
+    out = Path(os.environ.get("COSYVOICE2_NOTEBOOK_OUT", root / "notebooks" / "out")).resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    if model_dir is None:
+        model_dir = out / f"CosyVoice2-{size}"
+        if not (model_dir / "llm.pt").is_file():
+            summary = make_release(model_dir, size, seed=0, overwrite=True)
+            print(f"built {model_dir} in {summary['seconds']} s ({summary['total_mb']} MB)")
+    print("model:", model_dir)
+    return out, Path(model_dir)
 
 
 def main(argv=None) -> int:

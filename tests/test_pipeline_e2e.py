@@ -195,6 +195,7 @@ def test_convert_export_roundtrip(release, tmp_path, oracle):
     assert int(out["n_params_llm"]) > 0
 
 
+@pytest.mark.slow  # CI budget (~22 s); the CLI error paths stay in CI (tests/test_cli.py)
 def test_cli_synth(release, cache_dir, tmp_path, wavs, monkeypatch, capsys):
     """`cosyvoice2-jax synth` on the release: a text file gives one wav per non-empty line; errors are one line."""
     import soundfile as sf

@@ -369,6 +369,7 @@ def _dots(jaxpr) -> list[tuple[str, ...]]:
     return out
 
 
+@pytest.mark.slow  # CI budget: the LM bf16 step stays in CI
 def test_bf16_gan_step_computes_bf16_keeps_fp32_state():
     """``train.precision: bf16`` for the HiFT GAN: both turns' convs and matmuls (forward and
     backward, generator and discriminator) take bf16 operands; params, optimizer states, loss and
