@@ -339,8 +339,8 @@ def cmd_serve(args) -> int:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise CosyVoiceError(f"--{name.replace('_', '-')} {v}: give a positive number")
-    if not (args.timeout > 0 and args.stream_memory_mb > 0):
-        raise CosyVoiceError("--timeout and --stream-memory-mb must be positive")
+    if not (args.timeout > 0 and args.stream_memory_mb > 0 and args.stream_wait >= 0):
+        raise CosyVoiceError("--timeout and --stream-memory-mb must be positive, --stream-wait >= 0")
     try:
         from .serve import serve
         import fastapi  # noqa: F401
@@ -350,9 +350,10 @@ def cmd_serve(args) -> int:
         enable_compilation_cache(args.xla_cache)
     from .config import StreamingConfig
 
-    streaming = StreamingConfig(stream_scale_factor=args.stream_hop_growth)
+    streaming = StreamingConfig(stream_scale_factor=args.stream_hop_growth, flow_cache_dtype=args.stream_cache_dtype)
     engine_kw = dict(rows=args.slots, cache_slots=args.lm_cache, max_queue=args.max_queue, timeout_s=args.timeout,
-                     stream_budget_bytes=int(args.stream_memory_mb * 2**20), max_streams=args.max_streams)
+                     stream_budget_bytes=int(args.stream_memory_mb * 2**20), max_streams=args.max_streams,
+                     stream_wait_s=args.stream_wait)
     serve(args.model_dir, host=args.host, port=args.port, voices_dir=args.voices_dir,
           sampling="greedy" if args.greedy else "ras", quant=args.int8, streaming=streaming, engine_kw=engine_kw,
           warmup=not args.no_warmup, max_input_chars=args.max_input_chars, cache=not args.no_cache,
@@ -377,8 +378,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=32, help="requests that may wait for a slot before 429")
     p.add_argument("--timeout", type=float, default=300.0, help="per-request timeout in seconds")
     p.add_argument("--stream-memory-mb", type=float, default=4096.0,
-                   help="memory budget of the streaming flow caches; streams past it wait (default 4096)")
+                   help="memory budget of the streaming flow caches, each stream counted at its worst case; "
+                        "streams past it wait (default 4096)")
     p.add_argument("--max-streams", type=int, help="concurrent streams (overrides --stream-memory-mb)")
+    p.add_argument("--stream-wait", type=float, default=60.0,
+                   help="seconds a stream may wait for the memory budget before a 429 (default 60)")
+    p.add_argument("--stream-cache-dtype", choices=["float32", "bfloat16"],
+                   help="streaming flow attention caches (bfloat16: half the memory; default the flow's dtype)")
     p.add_argument("--stream-hop-growth", type=int, default=2,
                    help="streaming hop growth factor (official HEAD 2; 1 = fixed 25-token hops)")
     p.add_argument("--max-input-chars", type=int, default=4096, help="longest accepted input text")

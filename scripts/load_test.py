@@ -6,13 +6,22 @@
     # or against a running server (loopback only)
     python scripts/load_test.py --url http://127.0.0.1:8000 --pid <server pid> --out load.json
 
-For every (mode, concurrency) level, ``--requests`` requests (default 2 x concurrency, at most 64)
-go out from that many client threads, with seeds 0.. so the levels do the same work. Reported per
-level: first-chunk latency p50/p95 (streaming: first audio bytes; non-streaming: the whole file),
-aggregate audio-seconds per wall-second, throughput relative to concurrency 1, errors, and the
-server's engine time per stage (from /metrics). The server's RSS is sampled every 0.5 s
-(``rss``), and ``--soak N`` adds N more non-streaming requests with RSS after 20 and after N.
-Output: one JSON document (``--out``, and a table on stderr).
+For every (mode, concurrency) level, ``--requests-per-client`` x concurrency requests (default 2 x,
+at least 2, at most 64; or ``--requests`` for every level) go out from that many client threads, with
+seeds 0.. (the levels serve the same requests: concurrency 1 serves the first ones one at a time).
+Levels run in the order of ``--modes`` and ``--concurrency`` (put the acceptance levels first).
+Reported per level: first-chunk latency p50/p95 (streaming: first audio bytes; non-streaming: the
+whole file), aggregate audio-seconds per wall-second, throughput relative to concurrency 1 of the
+same mode, errors, and the server's engine time per stage from /metrics (``lm_prefill``,
+``lm_decode``, ``flow`` and ``hift`` of the batched non-streaming token2wav, ``token2wav_stream``:
+the stream threads' flow + HiFT time). The server's RSS is sampled every 0.5 s (``rss``, summarised
+in ``rss_summary``), and ``--soak N`` adds N more non-streaming requests at 4 clients with the RSS
+after 20 and after N (acceptance at tiny size: within 10 %).
+
+Bounded: ``--max-seconds`` counts from the start (server start-up included); after it no request
+starts (the rest of a level is reported as ``skipped``, later levels and the soak are skipped), so
+the run ends within about ``--max-seconds`` + one request's ``--timeout``.
+Output: one JSON document (``--out``) with an ``acceptance`` summary, and a table on stderr.
 """
 from __future__ import annotations
 
@@ -70,7 +79,9 @@ def stage_seconds(client: httpx.Client) -> dict[str, float]:
     return out
 
 
-def one_request(url: str, body: dict, stream: bool, timeout: float) -> dict:
+def one_request(url: str, body: dict, stream: bool, timeout: float, deadline: float = float("inf")) -> dict:
+    if time.perf_counter() > deadline:
+        return {"ok": False, "skipped": True}
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -91,20 +102,22 @@ def one_request(url: str, body: dict, stream: bool, timeout: float) -> dict:
 
 
 def run_level(url: str, text: str, voice: str, conc: int, n: int, stream: bool, timeout: float,
-              client: httpx.Client) -> dict:
+              client: httpx.Client, deadline: float = float("inf")) -> dict:
     bodies = [{"input": text, "voice": voice, "response_format": "pcm", "seed": i, "stream": stream}
               for i in range(n)]
     st0 = stage_seconds(client)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(conc) as ex:
-        res = list(ex.map(lambda b: one_request(url, b, stream, timeout), bodies))
+        res = list(ex.map(lambda b: one_request(url, b, stream, timeout, deadline), bodies))
     wall = time.perf_counter() - t0
     st1 = stage_seconds(client)
     ok = [r for r in res if r["ok"]]
+    skipped = sum(bool(r.get("skipped")) for r in res)
     firsts = np.array([r["first"] for r in ok]) if ok else np.zeros(0)
     audio = sum(r["audio_s"] for r in ok)
     return {"mode": "stream" if stream else "file", "concurrency": conc, "requests": n, "ok": len(ok),
-            "errors": n - len(ok), "error_samples": [r for r in res if not r["ok"]][:3],
+            "errors": n - len(ok) - skipped, "skipped": skipped,
+            "error_samples": [r for r in res if not r["ok"] and not r.get("skipped")][:3],
             "first_chunk_p50_s": round(float(np.percentile(firsts, 50)), 3) if ok else None,
             "first_chunk_p95_s": round(float(np.percentile(firsts, 95)), 3) if ok else None,
             "wall_s": round(wall, 2), "audio_s": round(audio, 2),
@@ -148,20 +161,24 @@ def main(argv=None) -> int:
     ap.add_argument("--pid", type=int, help="server pid for RSS sampling (with --url)")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
     ap.add_argument("--modes", default="file,stream", help="file (non-streaming), stream, or both")
-    ap.add_argument("--requests", type=int, help="requests per level (default 2 x concurrency, max 64)")
+    ap.add_argument("--requests-per-client", type=int, default=2,
+                    help="requests per level = this x concurrency (at least 2, at most 64); default 2")
+    ap.add_argument("--requests", type=int, help="requests per level instead (<= 64)")
     ap.add_argument("--soak", type=int, default=0, help="extra non-streaming requests for the RSS check (<= 500)")
-    ap.add_argument("--text", default="Hi there.")
+    ap.add_argument("--text", default="Hi there.", help="the text of every request (its length sets the work: "
+                    "random weights decode to the LM's limit, 20 speech tokens per text token)")
     ap.add_argument("--voice", help="voice name (default: the first the server lists)")
     ap.add_argument("--slots", type=int, default=8, help="server slots (with --model-dir)")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `serve` argument (repeatable)")
     ap.add_argument("--server-log", type=Path)
     ap.add_argument("--ready-timeout", type=float, default=900)
     ap.add_argument("--timeout", type=float, default=600, help="per-request client timeout")
-    ap.add_argument("--max-seconds", type=float, default=1800, help="stop starting new levels after this")
+    ap.add_argument("--max-seconds", type=float, default=1800,
+                    help="no request starts after this many seconds from the start (server start-up included)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
-    if args.soak > 500 or (args.requests or 0) > 64:
-        ap.error("bounded load test: --requests <= 64, --soak <= 500")
+    if args.soak > 500 or (args.requests or 0) > 64 or args.requests_per_client < 1:
+        ap.error("bounded load test: --requests <= 64, --requests-per-client >= 1, --soak <= 500")
     proc = None
     t_start = time.perf_counter()
     if args.url:
@@ -178,15 +195,16 @@ def main(argv=None) -> int:
     health = client.get("/healthz").json()
     sampler = RssSampler(pid, time.perf_counter())
     sampler.start()
+    deadline = t_start + args.max_seconds
     levels = []
     try:
         for mode in args.modes.split(","):
             for c in args.concurrency:
-                if time.perf_counter() - t_start > args.max_seconds:
+                if time.perf_counter() > deadline:
                     print(f"time budget reached, skipping {mode} c={c}", file=sys.stderr)
                     continue
-                n = args.requests or min(64, 2 * c)
-                lv = run_level(url, args.text, voice, c, n, mode == "stream", args.timeout, client)
+                n = args.requests or min(64, max(2, args.requests_per_client * c))
+                lv = run_level(url, args.text, voice, c, n, mode == "stream", args.timeout, client, deadline)
                 lv["rss_mb_after"] = rss_mb(pid) if pid else None
                 levels.append(lv)
                 print(json.dumps({k: v for k, v in lv.items() if k != "error_samples"}), file=sys.stderr)
@@ -195,22 +213,22 @@ def main(argv=None) -> int:
             if base.get(lv["mode"]):
                 lv["throughput_vs_1"] = round(lv["audio_s_per_wall_s"] / base[lv["mode"]], 2)
         soak = None
-        if args.soak:
-            rss = {}
-            done = 0
+        if args.soak and time.perf_counter() > deadline:
+            print("time budget reached, skipping the soak", file=sys.stderr)
+        elif args.soak:
+            rss, errors, skipped, done = {}, 0, 0, 0
             with ThreadPoolExecutor(4) as ex:
                 for batch in range(0, args.soak, 20):
                     k = min(20, args.soak - batch)
                     bodies = [{"input": args.text, "voice": voice, "response_format": "pcm", "seed": batch + i}
                               for i in range(k)]
-                    res = list(ex.map(lambda b: one_request(url, b, False, args.timeout), bodies))
+                    res = list(ex.map(lambda b: one_request(url, b, False, args.timeout, deadline), bodies))
+                    skipped += sum(bool(r.get("skipped")) for r in res)
+                    errors += sum(not r["ok"] and not r.get("skipped") for r in res)
                     done += k
                     rss[done] = rss_mb(pid) if pid else None
-                    if any(not r["ok"] for r in res):
-                        rss.setdefault("errors", 0)
-                        rss["errors"] += sum(not r["ok"] for r in res)
-            soak = {"requests": args.soak, "rss_mb_after": rss}
-            if pid and 20 in rss and args.soak in rss:
+            soak = {"requests": args.soak, "errors": errors, "skipped": skipped, "rss_mb_after": rss}
+            if pid and rss.get(20) and rss.get(args.soak):
                 soak["rss_growth_20_to_n"] = round(rss[args.soak] / rss[20] - 1, 4)
     finally:
         sampler.stop.set()
@@ -220,17 +238,49 @@ def main(argv=None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    rss_vals = [r for _, r in sampler.samples]
+    rss_summary = ({"first_mb": rss_vals[0], "max_mb": max(rss_vals), "last_mb": rss_vals[-1]} if rss_vals else None)
     result = {"url": url, "voice": voice, "text": args.text, "server": health, "ready_s": round(ready_s, 1),
-              "levels": levels, "soak": soak, "rss": sampler.samples, "cpu_count": os.cpu_count(),
-              "loadavg": os.getloadavg()}
+              "total_s": round(time.perf_counter() - t_start, 1), "levels": levels, "soak": soak,
+              "acceptance": acceptance(levels, soak), "rss_summary": rss_summary, "rss": sampler.samples,
+              "cpu_count": os.cpu_count(), "loadavg": os.getloadavg()}
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
-    print("mode    conc  reqs  err  first p50  first p95  audio s/wall s  x vs 1", file=sys.stderr)
-    for lv in levels:
-        print(f"{lv['mode']:<7} {lv['concurrency']:>4} {lv['requests']:>5} {lv['errors']:>4}  "
-              f"{lv['first_chunk_p50_s'] or 0:>9.2f}  {lv['first_chunk_p95_s'] or 0:>9.2f}  "
-              f"{lv['audio_s_per_wall_s']:>14.3f}  {lv.get('throughput_vs_1', 0):>6.2f}", file=sys.stderr)
+    print(table(levels), file=sys.stderr)
+    print(json.dumps({"ready_s": result["ready_s"], "total_s": result["total_s"], "rss": rss_summary,
+                      "acceptance": result["acceptance"]}), file=sys.stderr)
     return 0
+
+
+def acceptance(levels: list, soak: dict | None) -> dict:
+    """Issue 15's targets: 8 non-streaming clients >= 1.3x the throughput of one at a time, no
+    errors; RSS after the soak within 10 % of RSS after 20 requests (at tiny size)."""
+    out: dict = {"errors": sum(lv["errors"] for lv in levels) + (soak or {}).get("errors", 0)}
+    f8 = next((lv for lv in levels if lv["mode"] == "file" and lv["concurrency"] == 8), None)
+    if f8 is not None and "throughput_vs_1" in f8:
+        out["file_8_vs_1"] = f8["throughput_vs_1"]
+        out["file_8_vs_1_ok"] = f8["throughput_vs_1"] >= 1.3 and f8["errors"] == 0 and f8["skipped"] == 0
+    if soak and "rss_growth_20_to_n" in soak:
+        out["rss_growth_20_to_n"] = soak["rss_growth_20_to_n"]
+        out["rss_ok"] = abs(soak["rss_growth_20_to_n"]) <= 0.10
+    return out
+
+
+STAGES = ("lm_prefill", "lm_decode", "flow", "hift", "token2wav_stream")
+
+
+def table(levels: list) -> str:
+    """Markdown table of the levels (the README's load-test table), engine seconds per stage."""
+    head = ("| mode | clients | requests | errors | skipped | first chunk p50 / p95 (s) | audio s / wall s | vs 1 client "
+            "| wall s | engine s: " + " / ".join(STAGES) + " |")
+    rows = [head, "|" + "---|" * 10]
+    for lv in levels:
+        st = lv["stage_seconds"]
+        rows.append(f"| {lv['mode']} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['skipped']} | "
+                    f"{lv['first_chunk_p50_s'] or 0:.2f} / {lv['first_chunk_p95_s'] or 0:.2f} | "
+                    f"{lv['audio_s_per_wall_s']:.3f} | {lv.get('throughput_vs_1', 0):.2f}x | {lv['wall_s']:.1f} | "
+                    + " / ".join(f"{st.get(k, 0):.1f}" for k in STAGES) + " |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ def test_unaligned_pushes_and_growing_caches(params):
     fs = FlowStreamer(params, CFG, max_frames=800, initial_frames=400, key_block=200)
     got, st = run_stream(fs, inp, pushes, with_state=True)
     assert got[0].shape == (0, 80) and st.caches.frames == 800 and st.caches.enc["encoders_0"].k.shape[1] == 400
+    assert fs.tiers(17, 220) == [400, 800]  # the capacities the stream went through (server admission)
     assert_chunks_equal(got, recompute(params, inp, pushes), "unaligned pushes")
 
 
@@ -203,6 +204,7 @@ def test_request_sized_caches_and_cache_bytes(params):
     for S0, frames in ((17, 200), (80, 400), (180, 800)):  # (25 + 25, 100 + 25, 200 + 25 tokens) * 2 frames
         inp = make_inputs(3, S0, 4)
         assert fs.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"]).caches.frames == frames
+        assert fs.start_frames(S0) == frames
     # bytes: linear in the capacity; bf16 attention caches halve the K/V part
     half = FlowStreamer(params, CFG, max_frames=800, key_block=200, cache_dtype="bfloat16")
     kv32 = fs.cache_bytes(800) - fs.cache_bytes(400)
@@ -230,6 +232,12 @@ def test_memory_budget_falls_back_to_recompute(params):
         got.append(mel)
         modes.append(st.recompute)
     assert modes == [False] * 7 + [True] * 2
+    # the server's admission bound: at most the 400-frame tier here (dropped instead of growing);
+    # without a budget, growing 400 -> 800 holds both tiers for a moment
+    assert fs.peak_cache_bytes(17, 220) == probe.cache_bytes(400)
+    assert probe.peak_cache_bytes(17, 220) == probe.cache_bytes(800)  # (no tiers: max_frames from the start)
+    grow = FlowStreamer(params, CFG, max_frames=800, initial_frames=400, key_block=200)
+    assert grow.peak_cache_bytes(17, 220) == probe.cache_bytes(400) + probe.cache_bytes(800)
     assert_chunks_equal(got, recompute(params, inp, pushes), "budget fallback")
     # a budget below the first tier: recompute from the start (no caches allocated)
     tiny = FlowStreamer(params, CFG, max_frames=800, initial_frames="request", key_block=200, memory_budget_bytes=0)

@@ -97,8 +97,9 @@ def env(oracle, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quick(env):
-    """A server without warm-up (ready at once): for the checks that compile nothing."""
-    s = ServerProc(env["release"], env["tmp"], "--no-warmup")
+    """A server without warm-up (ready at once): for the checks that compile nothing. Its streaming
+    budget holds one bistream session (60 tokens, no prompt: the 200-frame tier, ~39 MB) but not two."""
+    s = ServerProc(env["release"], env["tmp"], "--no-warmup", "--stream-memory-mb", "60", "--stream-wait", "3")
     with httpx.Client(base_url=s.url, timeout=300) as c:
         yield c
     s.stop()
@@ -106,8 +107,9 @@ def quick(env):
 
 @pytest.fixture(scope="module")
 def server(env):
-    # streaming flow-cache budget of one stream (a tiny stream holds ~39 MB): the second waits
-    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "60")
+    # streaming flow-cache budget of one stream of TEXT (120 tokens: the 200-frame tier grown to 400,
+    # ~117 MB at the growth) but not two: the second waits
+    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "150")
     yield s
     s.stop()
 
@@ -151,8 +153,15 @@ def test_health_voices_metrics(quick):
     assert sorted(names) == sorted(mrr.SPEAKERS)
     text = quick.get("/metrics").text
     for name in ("cosyvoice2_first_chunk_seconds", "cosyvoice2_real_time_factor", "cosyvoice2_queue_depth",
-                 "cosyvoice2_lm_batch_size", "cosyvoice2_token2wav_batch_size", "cosyvoice2_errors_total"):
+                 "cosyvoice2_lm_batch_size", "cosyvoice2_token2wav_batch_size", "cosyvoice2_errors_total",
+                 "cosyvoice2_stream_bytes_reserved", "cosyvoice2_streams_waiting"):
         assert name in text, name
+    # streaming budget: 60 MiB; the per-stream cache limit is the 200-frame tier (growing to 400
+    # would hold both tiers, > 60 MiB); the longest request a slot admits (512 LM positions) is
+    # capped by it, so one such stream fits at a time
+    assert h["stream_budget_bytes"] == 60 * 2**20 == _metric(quick, "cosyvoice2_stream_budget_bytes")
+    assert 60 * 2**20 // 2 < h["stream_cache_limit_bytes"] == h["per_stream_bytes"] <= 60 * 2**20
+    assert h["max_streams"] == 1 and h["stream_bytes_reserved"] == 0 and h["active_streams"] == 0
 
 
 @pytest.mark.slow
@@ -257,8 +266,61 @@ def test_bad_input_is_4xx_json(quick):
                              files={"file": ("p.wav", b"garbage", "audio/wav")}), 400)
     _assert_error(quick.post("/v1/audio/voices", data={"name": "中文女"},
                              files={"file": ("p.wav", b"garbage", "audio/wav")}), 409, "built-in")
+    ws_url = str(quick.base_url).rstrip("/").replace("http", "ws") + "/v1/audio/speech/stream"
+    for first, word in (("not json", "JSON"), (json.dumps(["a list"]), "voice"), (json.dumps({"voice": "nobody"}),
+                                                                                  "unknown voice")):
+        with websockets_sync.connect(ws_url, open_timeout=30) as ws:  # bistream: a JSON error, then closed
+            ws.send(first)
+            err = json.loads(ws.recv(timeout=60))
+        assert err["type"] == "error" and err["status"] == 400 and word in err["message"], err
     assert quick.get("/healthz").status_code == 200  # still serving
     assert _metric(quick, "cosyvoice2_requests_total", 'endpoint="/v1/audio/speech",status="400"') >= 8
+
+
+def test_stream_budget_full_429_and_cancel_while_waiting(quick):
+    """A bistream session reserves its worst case of the streaming budget while it runs; a stream
+    that does not fit next to it waits --stream-wait (3 s) and gets 429 with Retry-After (HTTP) or an
+    error message with retry_after (WebSocket); a client that hangs up while its stream waits is
+    cancelled; the reservation is given back when the session ends. Nothing here computes audio
+    (the session never gets text), so nothing compiles."""
+    url = str(quick.base_url).rstrip("/").replace("http", "ws") + "/v1/audio/speech/stream"
+    cancelled0 = _metric(quick, "cosyvoice2_errors_total", 'kind="Cancelled"')
+
+    def ws_refused():
+        with websockets_sync.connect(url, open_timeout=30) as ws2:
+            ws2.send(json.dumps({"voice": "英文男"}))
+            return json.loads(ws2.recv(timeout=60))
+
+    def hang_up():
+        with pytest.raises(httpx.ReadTimeout):
+            quick.post("/v1/audio/speech", json={"input": TEXT, "voice": "英文男", "response_format": "pcm",
+                                                 "stream": True}, timeout=0.5)
+
+    with websockets_sync.connect(url, open_timeout=30, close_timeout=30) as ws:
+        ws.send(json.dumps({"voice": "英文男", "seed": 3}))
+        end = time.time() + 60
+        while time.time() < end and (h := quick.get("/healthz").json())["active_streams"] == 0:
+            time.sleep(0.1)
+        assert h["active_streams"] == 1 and 0 < h["stream_bytes_reserved"] <= h["stream_budget_bytes"], h
+        assert 2 * h["stream_bytes_reserved"] > h["stream_budget_bytes"]
+        with cf.ThreadPoolExecutor(3) as ex:
+            http = ex.submit(_speech, quick, response_format="pcm", stream=True)
+            sock = ex.submit(ws_refused)
+            gone = ex.submit(hang_up)
+            r, err = http.result(), sock.result()
+            gone.result()
+        _assert_error(r, 429, "streaming memory budget")
+        assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "busy"
+        assert err["type"] == "error" and err["status"] == 429 and err["retry_after"] >= 1, err
+        h = quick.get("/healthz").json()
+        assert h["active_streams"] == 1 and h["streams_waiting"] == 0 and h["queue_depth"] == 0, h
+    end = time.time() + 60  # the client hung up: the session ends, its reservation is released
+    while time.time() < end and (h := quick.get("/healthz").json())["active_streams"]:
+        time.sleep(0.1)
+    assert h["active_streams"] == 0 and h["stream_bytes_reserved"] == 0, h
+    assert _metric(quick, "cosyvoice2_rejected_total", 'reason="stream_budget"') >= 2
+    assert _metric(quick, "cosyvoice2_errors_total", 'kind="Cancelled"') >= cancelled0 + 1
+    assert quick.get("/healthz").status_code == 200
 
 
 @pytest.mark.slow
@@ -324,7 +386,7 @@ def test_stream_memory_budget(client):
     """Past the streaming flow-cache budget a stream waits for the running one to end (and a
     non-streaming request is not held up by it); both finish with their full audio."""
     h = client.get("/healthz").json()
-    assert h["max_streams"] == 1 and 60 * 2**20 // 2 < h["per_stream_bytes"] <= 60 * 2**20
+    assert h["stream_budget_bytes"] == 150 * 2**20 and h["max_streams"] == 1
 
     def stream(seed):
         t = {}

@@ -318,6 +318,36 @@ class FlowStreamer:
             frames = min(self.max_frames, 2 * frames)
         return frames
 
+    def start_frames(self, n_prompt: int) -> int:
+        """Cache capacity (mel frames) :meth:`start` allocates for a prompt of ``n_prompt`` tokens."""
+        if self.initial_frames != "request":
+            return self.initial_frames
+        chunk, r = self.cfg.encoder.static_chunk_size, self.cfg.token_mel_ratio
+        base = min(self.max_frames, -(-self.key_block // (r * chunk)) * r * chunk)
+        return self._capacity(base, -(-n_prompt // chunk) * chunk + chunk)  # prompt + its first (padded) chunk
+
+    def tiers(self, n_prompt: int, n_tokens: int) -> list[int]:
+        """Cache capacities (mel frames) a stream of ``n_prompt`` prompt and at most ``n_tokens`` speech
+        tokens passes through, from :meth:`start` to its last push (ignoring the memory budget):
+        pushes never need more than the prompt + tokens rounded up to the chunk."""
+        chunk = self.cfg.encoder.static_chunk_size
+        need = min(self.cap_t, -(-(n_prompt + n_tokens) // chunk) * chunk)
+        out = [self.start_frames(n_prompt)]
+        while self._capacity(out[-1], need) != out[-1]:
+            out.append(min(self.max_frames, 2 * out[-1]))
+        return out
+
+    def peak_cache_bytes(self, n_prompt: int, n_tokens: int) -> int:
+        """Most cache bytes such a stream holds at once: while a push grows the caches the old and
+        the new tier coexist; past ``memory_budget_bytes`` the caches are dropped (recompute path)."""
+        peak, prev = 0, 0
+        for frames in self.tiers(n_prompt, n_tokens):
+            if not self._within_budget(frames):
+                break
+            b = self.cache_bytes(frames)
+            peak, prev = max(peak, b + prev), b
+        return peak
+
     def _within_budget(self, frames: int) -> bool:
         return self.memory_budget_bytes is None or self.cache_bytes(frames) <= self.memory_budget_bytes
 
@@ -380,11 +410,7 @@ class FlowStreamer:
         if first > self.max_frames:
             raise StreamingError(f"the prompt ({prompt_feat.shape[0]} frames) leaves no room in max_frames="
                                  f"{self.max_frames}; build the FlowStreamer with a larger max_frames")
-        frames = self.initial_frames
-        if frames == "request":  # the tier holding the prompt and its first (padded) chunk
-            chunk, r = cfg.encoder.static_chunk_size, cfg.token_mel_ratio
-            base = min(self.max_frames, -(-self.key_block // (r * chunk)) * r * chunk)
-            frames = self._capacity(base, -(-S0 // chunk) * chunk + chunk)
+        frames = self.start_frames(S0)
         state = FlowStreamState(tokens=prompt_token, n_prompt=S0, emitted=S0, committed=0, finalized=False,
                                 caches=None, prompt=(prompt_feat, embedding))
         if not self._within_budget(frames):  # memory budget: recompute path from the start

@@ -117,14 +117,13 @@ class Server:
     """State of one app: pipeline, engine, voices, metrics, readiness."""
 
     def __init__(self, tts, *, voices_dir: str | Path, engine_kw: dict | None = None, warmup: bool = True,
-                 max_input_chars: int = 4096, stream_wait_s: float = 60.0, warmup_text: str = "Hi there.",
+                 max_input_chars: int = 4096, warmup_text: str = "Hi there.",
                  warmup_batches: tuple[int, ...] = (1,), warmup_stream: bool = True):
         self.tts = tts
         self.metrics = Metrics()
         self.engine = Engine(tts, metrics=self.metrics, **(engine_kw or {}))
         self.voices = VoiceStore(tts, voices_dir)
         self.max_input_chars = max_input_chars
-        self.stream_wait_s = stream_wait_s
         self.do_warmup, self.warmup_text = warmup, warmup_text
         bad = [b for b in warmup_batches if b < 1 or b & (b - 1) or b > self.engine.rows]
         if bad:
@@ -170,7 +169,6 @@ class Server:
                                 break
             else:  # ready at once; the first requests compile
                 self.ready.set()
-            self._measure_stream()
             self.warmup_seconds = time.perf_counter() - t0
             log.info("warm-up done in %.1f s", self.warmup_seconds)
             self.ready.set()
@@ -178,12 +176,15 @@ class Server:
             log.exception("warm-up failed")
             self.warmup_error = f"{type(e).__name__}: {e}"
 
-    def _measure_stream(self) -> None:
-        from ..pipeline.token2wav import FlowPrompt
-
-        fdim, edim = self.tts.config.flow.output_size, self.tts.config.flow.spk_embed_dim
-        self.engine.measure_stream_bytes(FlowPrompt(np.zeros((0,), np.int32), np.zeros((0, fdim), np.float32),
-                                                    np.zeros((edim,), np.float32)))
+    def bistream_reservation(self, spk: str) -> int:
+        """Stream budget bytes of a bistream session of voice ``spk``: its prompt plus at most
+        ``bistream_max_tokens`` speech tokens (no cap: as many as the streaming caches hold)."""
+        n_prompt = len(self.tts._flow_from_info(self.tts.spk2info[spk]).token)
+        cap = self.tts.bistream_max_tokens
+        fs = self.engine._streamer
+        if cap is None and fs is not None:
+            cap = fs.cap_t - n_prompt
+        return self.engine.stream_reservation(n_prompt, cap or 0)
 
     # ------------------------------------------------------------------------- requests
     def resolve(self, voice: str, instructions: Optional[str]) -> tuple[str, str]:
@@ -311,8 +312,15 @@ def create_app(server: Server) -> FastAPI:
                 "warmup_seconds": server.warmup_seconds, "error": server.warmup_error,
                 "sample_rate": server.tts.sample_rate, "formats": server.formats,
                 "slots": e.rows, "active_slots": e.active_rows(), "queue_depth": e.queue_depth(),
-                "max_queue": e.max_queue, "max_streams": e.max_streams, "active_streams": e.active_streams(),
-                "per_stream_bytes": e.per_stream_bytes}
+                "max_queue": e.max_queue, "active_streams": e.active_streams(),
+                "streams_waiting": e.streams_waiting(),
+                # streaming flow-cache budget (README "Speech server"): bytes reserved by the running
+                # streams, the budget (null with --max-streams), the per-stream cache limit (recompute
+                # fallback past it), the longest admissible request's reservation and how many of those fit
+                "stream_bytes_reserved": e.stream_bytes_reserved(),
+                "stream_budget_bytes": None if e._max_streams_arg else e.stream_budget_bytes,
+                "stream_cache_limit_bytes": e.stream_cache_limit, "per_stream_bytes": e.per_stream_bytes,
+                "max_streams": e.max_streams}
         return JSONResponse(body, status_code=200 if server.ready.is_set() else 503)
 
     @app.get("/metrics")
@@ -468,12 +476,18 @@ def create_app(server: Server) -> FastAPI:
             mode, spk = server.resolve(start["voice"], start.get("instructions"))
             seed = start.get("seed")
             key, _ = server.key_for(int(seed) if seed is not None else None)
+            nbytes = server.bistream_reservation(spk)
         except Exception as e:  # noqa: BLE001
             a = _from_exception(e)
             return await fail(a.status, a.message)
-        got = await run_in_threadpool(server.engine.acquire_stream, server.stream_wait_s)
+        got = await run_in_threadpool(server.engine.acquire_stream, nbytes, server.engine.stream_wait_s)
         if not got:
-            return await fail(429, "all streams are busy (streaming memory budget); retry later")
+            retry = max(1, math.ceil(server.engine.stream_retry_after()))
+            m.requests.labels(endpoint="/v1/audio/speech/stream", status="429").inc()
+            await ws.send_json({"type": "error", "status": 429, "retry_after": retry,
+                                "message": f"streaming memory budget full: waited {server.engine.stream_wait_s:.0f} s "
+                                           f"for {nbytes / 2**20:.0f} MiB of flow caches; retry after {retry} s"})
+            return await ws.close(code=1013)  # "try again later"
         loop = asyncio.get_running_loop()
         text_q: queue.Queue = queue.Queue()
         out_q: asyncio.Queue = asyncio.Queue()
@@ -516,7 +530,7 @@ def create_app(server: Server) -> FastAPI:
                 except RuntimeError:
                     pass
             finally:
-                server.engine.release_stream()
+                server.engine.release_stream(nbytes)
 
         worker = threading.Thread(target=run, name="bistream", daemon=True)
         worker.start()

@@ -12,11 +12,21 @@ seed gives the same audio alone or under load.
 * Streaming segments: the engine pushes each row's new tokens to a per-request thread that runs
   the pipeline's streaming token2wav (:meth:`Token2Wav.stream`, the official chunk schedule), which
   sends audio chunks back as they are made.
-* Memory budget of the streaming flow caches: every stream holds a ``FlowStreamer`` state
-  (``per_stream_bytes``, measured at warm-up; 4.6 MB per mel frame at full size fp32). At most
-  ``max_streams`` streams run at once (``stream_budget_bytes // per_stream_bytes``, at least 1);
-  further streaming requests wait in the queue (the LM does not start them) until a stream ends, or
-  until their timeout. Non-streaming requests are not limited by it and pass waiting streams.
+* Memory budget of the streaming flow caches (``stream_budget_bytes``; 4.6 MB per mel frame per
+  stream at full size fp32, half with bf16 caches). The caches of a stream start at the tier that
+  holds its prompt and double as tokens arrive (``FlowStreamer.tiers``), so a stream is admitted by
+  its own worst case, known at submission: the prompt plus the most speech tokens the LM may make for
+  its text (``max_token_text_ratio`` x its text tokens; a bistream: ``bistream_max_tokens``), as
+  ``FlowStreamer.peak_cache_bytes`` (the tier it ends in plus, while growing, the one before). The
+  reservation is taken when the LM starts the stream and given back when it ends; the sum of
+  reservations never exceeds the budget. The per-stream cache limit (``stream_cache_limit``, set on
+  the streamer: the largest tier whose growth fits the whole budget, or the config's smaller
+  ``flow_cache_budget_mb``) caps every reservation: a longer stream drops its caches there and
+  continues on the recompute path (slower, same audio), so every stream can run. A stream that does
+  not fit waits in the queue (streams in order; the LM does not start it) for at most
+  ``stream_wait_s``, then gets :class:`Busy` (HTTP 429, ``Retry-After``); non-streaming requests are
+  not limited by it and pass waiting streams. ``max_streams`` instead of a byte budget: a stream count.
+  The final unmasked chunk (one offline flow call, after the caches are freed) is not counted.
 * Back-pressure: at most ``max_queue`` requests wait for a slot; :meth:`submit` raises
   :class:`Busy` (HTTP 429 with ``Retry-After``) beyond that.
 * Per-request deadline (``timeout_s``) and cancellation (client gone): the row is freed at the
@@ -106,6 +116,7 @@ class Job:
         self.t_first: Optional[float] = None
         self.samples = 0
         self.has_stream_permit = False
+        self.stream_bytes = 0           # streaming flow-cache bytes reserved while it streams
         self.admitted = threading.Event()  # streaming: the permit is held, the flow cache may be built
         self.error: Optional[BaseException] = None
 
@@ -138,19 +149,25 @@ class Engine:
         needing more is refused with :class:`TooLong`.
       max_queue: requests allowed to wait for a slot.
       timeout_s: per-request deadline from submission.
-      stream_budget_bytes / max_streams: streaming flow-cache budget (module docstring).
+      stream_budget_bytes / max_streams: streaming flow-cache budget in bytes, or a stream count
+        instead (module docstring).
+      stream_wait_s: how long a stream may wait for the budget before a 429.
       metrics: a :class:`cosyvoice2_jax.serve.metrics.Metrics` (or None).
     """
 
     def __init__(self, tts, *, rows: int = 8, cache_slots: int = 2048, max_queue: int = 32,
                  timeout_s: float = 300.0, stream_budget_bytes: int = 4 << 30, max_streams: int | None = None,
-                 metrics=None):
+                 stream_wait_s: float = 60.0, metrics=None):
         self.tts, self.lm = tts, tts.lm
         self.rows, self.cache_slots = rows, cache_slots
         self.max_queue, self.timeout_s = max_queue, timeout_s
         self.stream_budget_bytes, self._max_streams_arg = stream_budget_bytes, max_streams
-        self.max_streams = max_streams or 1
-        self.per_stream_bytes = 0
+        self.stream_wait_s = stream_wait_s
+        self.max_streams = max_streams or 1   # streams of the longest admissible request that fit at once
+        self.per_stream_bytes = 0             # reservation of the longest admissible request
+        self.stream_cache_limit: int | None = None  # per-stream cache bytes before the recompute fallback
+        self._stream_bytes = 0                # reserved now
+        self._streamer = None
         self.metrics = metrics
         self._cv = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
@@ -164,6 +181,7 @@ class Engine:
 
     # ------------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self.plan_streams()
         self._state = self.lm.slots_init(self.rows, self.cache_slots)
         self._thread = threading.Thread(target=self._loop, name="cosyvoice2-engine", daemon=True)
         self._thread.start()
@@ -175,22 +193,57 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def measure_stream_bytes(self, flow_prompt) -> int:
-        """Bytes of one streaming flow state (its caches), sets ``max_streams`` from the budget."""
+    def plan_streams(self) -> None:
+        """Size the streaming budget: the per-stream cache limit (set on the pipeline's streamer) and
+        the reservation of the longest request the LM slots admit (``per_stream_bytes``)."""
         t2w = self.tts.token2wav
-        if not t2w.flow_cache:
-            self.per_stream_bytes = 0
-        else:
-            st = t2w.flow.streamer().start(flow_prompt.token, flow_prompt.feat, flow_prompt.embedding)
-            self.per_stream_bytes = int(sum(getattr(a, "nbytes", 0) for a in jax.tree.leaves(st)))
-            del st
+        if not t2w.flow_cache:  # recompute path: no caches to budget
+            self._streamer, self.per_stream_bytes = None, 0
+            self.max_streams = self._max_streams_arg or self.rows
+            return
+        fs = self._streamer = t2w.flow.streamer()
+        if self._max_streams_arg is None:
+            configured = t2w.flow.stream_memory_budget  # the config's flow_cache_budget_mb (None: no cap)
+            limit, prev = 0, 0
+            for frames in fs.tiers(0, fs.cap_t):  # every tier a stream may reach, smallest first
+                b = fs.cache_bytes(frames)
+                if b + prev > self.stream_budget_bytes:
+                    break
+                limit, prev = b, b
+            self.stream_cache_limit = limit if configured is None else min(limit, configured)
+            fs.memory_budget_bytes = self.stream_cache_limit
+        # the LM bounds one segment: prompt speech + generated tokens < the slot's cache positions
+        self.per_stream_bytes = fs.peak_cache_bytes(0, min(self.cache_slots, fs.cap_t))
         if self._max_streams_arg:
             self.max_streams = self._max_streams_arg
-        elif self.per_stream_bytes:
-            self.max_streams = max(1, self.stream_budget_bytes // self.per_stream_bytes)
         else:
-            self.max_streams = self.rows
-        return self.per_stream_bytes
+            self.max_streams = max(1, self.stream_budget_bytes // max(self.per_stream_bytes, 1))
+        if self.metrics:
+            self.metrics.stream_budget.set(0 if self._max_streams_arg else self.stream_budget_bytes)
+
+    def stream_reservation(self, n_prompt: int, n_tokens: int) -> int:
+        """Bytes a stream of ``n_prompt`` prompt and at most ``n_tokens`` speech tokens may hold."""
+        if self._streamer is None:
+            return 0
+        if n_prompt + n_tokens > self._streamer.cap_t:
+            raise TooLong(f"streaming this text needs up to {2 * (n_prompt + n_tokens)} flow frames, a stream holds "
+                          f"{self._streamer.max_frames}; send shorter text or use non-streaming synthesis")
+        return self._streamer.peak_cache_bytes(n_prompt, n_tokens)
+
+    def _stream_fits(self, nbytes: int) -> bool:
+        if self._max_streams_arg:
+            return self._streams < self._max_streams_arg
+        # (a reservation never exceeds the budget: the cache limit caps it; the guard keeps one running)
+        return self._stream_bytes + nbytes <= self.stream_budget_bytes or self._streams == 0
+
+    def _take_stream(self, nbytes: int) -> None:
+        self._streams += 1
+        self._stream_bytes += nbytes
+
+    def _give_stream(self, nbytes: int) -> None:
+        self._streams -= 1
+        self._stream_bytes -= nbytes
+        self._cv.notify_all()
 
     # ------------------------------------------------------------------------------ public
     def queue_depth(self) -> int:
@@ -202,24 +255,38 @@ class Engine:
     def active_streams(self) -> int:
         return self._streams
 
+    def stream_bytes_reserved(self) -> int:
+        return self._stream_bytes
+
+    def streams_waiting(self) -> int:
+        return sum(j.stream and not j.has_stream_permit for j in list(self._waiting))  # (a copy: any thread)
+
     def make_job(self, model_inputs: list, *, key, stream: bool, speed: float, timeout_s: float | None = None,
                  loop=None, label: str = "speech") -> Job:
         """A job from the pipeline's per-segment model inputs (``CosyVoice2._inputs``); segment ``i``
         uses ``fold_in(key, i)`` split into (LM, vocoder) keys, as ``CosyVoice2.tts``."""
-        segs = []
+        segs, reserve = [], 0
         for i, mi in enumerate(model_inputs):
             k_lm, k_voc = jax.random.split(jax.random.fold_in(key, i))
             seg = Segment(mi, k_lm, k_voc)
             if mi.source_speech is None:
-                need = self.lm.slot_fits(self._request(seg))
+                req = self._request(seg)
+                need = self.lm.slot_fits(req)
                 if need > self.cache_slots:
                     raise TooLong(f"text segment {i} needs {need} LM cache positions, a slot has {self.cache_slots}: "
                                   "send shorter text (or start the server with a larger --lm-cache)")
+                n_tokens = int(len(req.text) * self.lm.cfg.max_token_text_ratio)  # the LM's max_len
+            else:
+                n_tokens = len(mi.source_speech)
+            if stream:  # segments stream one after the other: the largest one's caches
+                reserve = max(reserve, self.stream_reservation(len(mi.flow.token), n_tokens))
             segs.append(seg)
         if not segs:
             raise GenerationError("nothing to synthesise")
-        return Job(segs, stream=stream, speed=speed, deadline=time.perf_counter() + (timeout_s or self.timeout_s),
-                   loop=loop, label=label)
+        job = Job(segs, stream=stream, speed=speed, deadline=time.perf_counter() + (timeout_s or self.timeout_s),
+                  loop=loop, label=label)
+        job.stream_bytes = reserve
+        return job
 
     def submit(self, job: Job) -> Job:
         """Queue ``job``; raises :class:`Busy` when ``max_queue`` jobs already wait."""
@@ -231,7 +298,7 @@ class Engine:
             if len(self._waiting) + len(jobs) > self.max_queue:
                 retry = 1.0 + self._service_s * (len(self._waiting) + 1) / max(self.rows, 1)
                 if self.metrics:
-                    self.metrics.rejected.inc()
+                    self.metrics.rejected.labels(reason="queue_full").inc()
                 raise Busy(f"server busy: {len(self._waiting)} requests already wait for a slot "
                            f"(max_queue={self.max_queue}); retry later", retry_after=retry)
             self._waiting.extend(jobs)
@@ -242,22 +309,29 @@ class Engine:
                                  daemon=True).start()
         return jobs
 
-    def acquire_stream(self, timeout: float) -> bool:
-        """Take a streaming permit outside the LM batch (bistream sessions); False on timeout."""
+    def acquire_stream(self, nbytes: int, timeout: float) -> bool:
+        """Reserve ``nbytes`` of the stream budget outside the LM batch (bistream sessions; see
+        :meth:`stream_reservation`); False (and a ``stream_budget`` rejection) after ``timeout`` s."""
         end = time.perf_counter() + timeout
         with self._cv:
-            while self._streams >= self.max_streams:
+            # streams queued for the LM go first (in order)
+            while self.streams_waiting() or not self._stream_fits(nbytes):
                 left = end - time.perf_counter()
                 if left <= 0:
+                    if self.metrics:
+                        self.metrics.rejected.labels(reason="stream_budget").inc()
                     return False
                 self._cv.wait(min(left, 0.1))
-            self._streams += 1
+            self._take_stream(nbytes)
             return True
 
-    def release_stream(self) -> None:
+    def release_stream(self, nbytes: int) -> None:
         with self._cv:
-            self._streams -= 1
-            self._cv.notify_all()
+            self._give_stream(nbytes)
+
+    def stream_retry_after(self) -> float:
+        """Seconds until a stream's budget is likely free (``Retry-After``)."""
+        return 1.0 + self._service_s
 
     # ------------------------------------------------------------------------------ engine thread
     def _request(self, seg: Segment) -> Request:
@@ -307,15 +381,27 @@ class Engine:
                         self._fail(job, Cancelled("request cancelled") if job.cancelled.is_set()
                                    else Timeout(f"request waited {now - job.t_submit:.0f} s for a slot "
                                                 f"(timeout {self.timeout_s:.0f} s)"))
+                elif (job.stream and not job.has_stream_permit and dq is self._waiting
+                      and now > job.t_submit + self.stream_wait_s):
+                    dq.remove(job)
+                    if self.metrics:
+                        self.metrics.rejected.labels(reason="stream_budget").inc()
+                    self._fail(job, Busy(f"streaming memory budget full: the stream waited {self.stream_wait_s:.0f} s "
+                                         f"for {job.stream_bytes / 2**20:.0f} MiB of flow caches "
+                                         f"({self._stream_bytes / 2**20:.0f} of {self.stream_budget_bytes / 2**20:.0f} "
+                                         "MiB in use); retry later or use non-streaming synthesis",
+                                         retry_after=self.stream_retry_after()))
 
     def _next_job(self) -> Optional[Job]:
         if self._front:
             return self._front.popleft()
+        stream_blocked = False
         for job in self._waiting:
             if job.stream and not job.has_stream_permit:
-                if self._streams >= self.max_streams:
-                    continue  # waits for a stream to end (memory budget); non-streaming jobs pass
-                self._streams += 1
+                if stream_blocked or not self._stream_fits(job.stream_bytes):
+                    stream_blocked = True  # streams wait in order for the budget; non-streaming jobs pass
+                    continue
+                self._take_stream(job.stream_bytes)
                 job.has_stream_permit = True
             self._waiting.remove(job)
             job.admitted.set()
@@ -336,8 +422,11 @@ class Engine:
                 continue
             r = self._slots.index(None)
             try:
+                t0 = time.perf_counter()
                 key = seg.k_lm if self.lm.sampling == "ras" else None
-                self._state = self.lm.slot_insert(self._state, r, self._request(seg), key)
+                self._state = jax.block_until_ready(self.lm.slot_insert(self._state, r, self._request(seg), key))
+                if self.metrics:
+                    self.metrics.stage_seconds.labels(stage="lm_prefill").inc(time.perf_counter() - t0)
             except Exception as e:  # noqa: BLE001 - reported to the one request
                 self._fail(job, e)
                 continue
@@ -368,6 +457,8 @@ class Engine:
                     self.metrics.queue_depth.set(len(self._waiting))
                     self.metrics.active_rows.set(self.active_rows())
                     self.metrics.active_streams.set(self._streams)
+                    self.metrics.stream_bytes.set(self._stream_bytes)
+                    self.metrics.streams_waiting.set(self.streams_waiting())
                 if idle:
                     self._cv.wait(0.05)
                     continue
@@ -416,10 +507,11 @@ class Engine:
         rows = 1 << (n - 1).bit_length()  # pad to a power of two: few compiled batch shapes
         items = pending + [pending[0]] * (rows - n)
         segs = [j.segments[i] for j, i in items]
+        times: dict = {}
         try:
             audio = self.tts.token2wav.full_batch([np.asarray(s.tokens, np.int32) for s in segs],
                                                   [s.mi.flow for s in segs], [s.k_voc for s in segs],
-                                                  [j.speed for j, _ in items])
+                                                  [j.speed for j, _ in items], times=times)
         except Exception as e:  # noqa: BLE001
             for j, _ in pending:
                 self._fail(j, e)
@@ -427,6 +519,8 @@ class Engine:
         if self.metrics:
             self.metrics.t2w_batch.observe(n)
             self.metrics.stage_seconds.labels(stage="token2wav").inc(time.perf_counter() - t0)
+            for stage, sec in times.items():
+                self.metrics.stage_seconds.labels(stage=stage).inc(sec)
         for (job, seg_i), a in zip(pending, audio[:n]):
             job.audio[seg_i] = a
             if len(job.audio) == len(job.segments):
@@ -439,15 +533,19 @@ class Engine:
     # ------------------------------------------------------------------------------ stream threads
     def _stream_worker(self, job: Job) -> None:
         t2w = self.tts.token2wav
+        waited = [0.0]  # seconds spent waiting for the LM's tokens (not token2wav compute)
 
         def source(seg: Segment):
             while True:
+                t0 = time.perf_counter()
                 try:
                     item = seg.token_q.get(timeout=0.5)
                 except queue.Empty:
+                    waited[0] += time.perf_counter() - t0
                     if job.cancelled.is_set() or job.finished.is_set():
                         return
                     continue
+                waited[0] += time.perf_counter() - t0
                 if item is None or job.cancelled.is_set():
                     return
                 yield item
@@ -457,7 +555,7 @@ class Engine:
                 if job.cancelled.is_set() or job.finished.is_set():
                     return
             for seg in job.segments:
-                t0 = time.perf_counter()
+                t0, waited[0] = time.perf_counter(), 0.0
                 for chunk in t2w.stream(source(seg), seg.mi.flow, seg.k_voc):
                     if job.cancelled.is_set() or job.finished.is_set():
                         return
@@ -465,8 +563,9 @@ class Engine:
                     job.emit("audio", np.asarray(chunk, np.float32))
                     if first and self.metrics:
                         self.metrics.first_chunk.labels(stream="true").observe(job.t_first - job.t_submit)
-                if self.metrics:
-                    self.metrics.stage_seconds.labels(stage="token2wav_stream").inc(time.perf_counter() - t0)
+                if self.metrics:  # the stream thread's own time (flow + HiFT chunks), waits for tokens excluded
+                    self.metrics.stage_seconds.labels(stage="token2wav_stream").inc(
+                        max(0.0, time.perf_counter() - t0 - waited[0]))
                 if job.cancelled.is_set() or job.finished.is_set():
                     return
             with self._cv:
@@ -479,5 +578,5 @@ class Engine:
             with self._cv:
                 if job.has_stream_permit:
                     job.has_stream_permit = False
-                    self._streams -= 1
+                    self._give_stream(job.stream_bytes)
                 self._cv.notify_all()

@@ -28,5 +28,13 @@ class Metrics:
         self.requests = Counter(f"{p}_requests", "Requests by endpoint and HTTP status", ["endpoint", "status"],
                                 registry=r)
         self.errors = Counter(f"{p}_errors", "Failed requests by error kind", ["kind"], registry=r)
-        self.rejected = Counter(f"{p}_rejected", "Requests refused because the queue was full", registry=r)
+        self.rejected = Counter(f"{p}_rejected", "Requests refused with 429: the queue was full (queue_full) or a "
+                                "stream waited too long for the streaming memory budget (stream_budget)", ["reason"],
+                                registry=r)
+        self.stream_bytes = Gauge(f"{p}_stream_bytes_reserved", "Streaming flow-cache bytes reserved by running "
+                                  "streams (each by its worst case)", registry=r)
+        self.stream_budget = Gauge(f"{p}_stream_budget_bytes", "Streaming flow-cache budget (0: a stream count "
+                                   "limit instead)", registry=r)
+        self.streams_waiting = Gauge(f"{p}_streams_waiting", "Streaming requests waiting for the memory budget",
+                                     registry=r)
         self.audio_seconds = Counter(f"{p}_audio_seconds", "Seconds of audio produced", registry=r)
