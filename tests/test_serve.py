@@ -98,8 +98,8 @@ def env(oracle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def quick(env):
     """A server without warm-up (ready at once): for the checks that compile nothing. Its streaming
-    budget holds one bistream session (60 tokens, no prompt: the 200-frame tier, ~39 MB) but not two."""
-    s = ServerProc(env["release"], env["tmp"], "--no-warmup", "--stream-memory-mb", "60", "--stream-wait", "3")
+    budget holds one bistream session (60 tokens, no prompt: the 200-frame tier, 14.4 MB) but not two."""
+    s = ServerProc(env["release"], env["tmp"], "--no-warmup", "--stream-memory-mb", "20", "--stream-wait", "3")
     with httpx.Client(base_url=s.url, timeout=300) as c:
         yield c
     s.stop()
@@ -108,8 +108,8 @@ def quick(env):
 @pytest.fixture(scope="module")
 def server(env):
     # streaming flow-cache budget of one stream of TEXT (120 tokens: the 200-frame tier grown to 400,
-    # ~117 MB at the growth) but not two: the second waits
-    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "150")
+    # 14.4 + 26.7 MB while it grows) but not two: the second waits
+    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "60")
     yield s
     s.stop()
 
@@ -156,11 +156,11 @@ def test_health_voices_metrics(quick):
                  "cosyvoice2_lm_batch_size", "cosyvoice2_token2wav_batch_size", "cosyvoice2_errors_total",
                  "cosyvoice2_stream_bytes_reserved", "cosyvoice2_streams_waiting"):
         assert name in text, name
-    # streaming budget: 60 MiB; the per-stream cache limit is the 200-frame tier (growing to 400
-    # would hold both tiers, > 60 MiB); the longest request a slot admits (512 LM positions) is
+    # streaming budget: 20 MiB; the per-stream cache limit is the 200-frame tier (growing to 400
+    # would hold both tiers, > 20 MiB); the longest request a slot admits (512 LM positions) is
     # capped by it, so one such stream fits at a time
-    assert h["stream_budget_bytes"] == 60 * 2**20 == _metric(quick, "cosyvoice2_stream_budget_bytes")
-    assert 60 * 2**20 // 2 < h["stream_cache_limit_bytes"] == h["per_stream_bytes"] <= 60 * 2**20
+    assert h["stream_budget_bytes"] == 20 * 2**20 == _metric(quick, "cosyvoice2_stream_budget_bytes")
+    assert 20 * 2**20 // 2 < h["stream_cache_limit_bytes"] == h["per_stream_bytes"] <= 20 * 2**20
     assert h["max_streams"] == 1 and h["stream_bytes_reserved"] == 0 and h["active_streams"] == 0
 
 
@@ -386,7 +386,9 @@ def test_stream_memory_budget(client):
     """Past the streaming flow-cache budget a stream waits for the running one to end (and a
     non-streaming request is not held up by it); both finish with their full audio."""
     h = client.get("/healthz").json()
-    assert h["stream_budget_bytes"] == 150 * 2**20 and h["max_streams"] == 1
+    # one stream of TEXT reserves the 200- and the 400-frame tier (growth), more than half the budget
+    assert h["stream_budget_bytes"] == 60 * 2**20 and h["max_streams"] == 1
+    assert h["per_stream_bytes"] <= 60 * 2**20 < 2 * h["per_stream_bytes"]
 
     def stream(seed):
         t = {}
@@ -429,6 +431,11 @@ def test_official_request_shapes(client, env):
         r = client.post("/inference_zero_shot", data={"tts_text": "Hi there.", "prompt_text": "A prompt."},
                         files={"prompt_wav": ("p.wav", f, "audio/wav")})
     assert r.status_code == 200 and len(r.content) > 2 * SR // 10
+    for path, data in (("/inference_cross_lingual", {}), ("/inference_instruct2", {"instruct_text": "Speak slowly."})):
+        with open(env["prompt"], "rb") as f:
+            r = client.post(path, data={"tts_text": "Hi there.", **data}, files={"prompt_wav": ("p.wav", f, "audio/wav")})
+        assert r.status_code == 200 and len(r.content) % 2 == 0 and len(r.content) > 2 * SR // 10, (path, r.text)
+    _assert_error(client.post("/inference_sft", data={"tts_text": " ", "spk_id": "英文男"}), 400, "tts_text")
 
 
 @pytest.mark.slow
