@@ -135,7 +135,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "cosyvoice2_jax.cli", "serve", "--model-dir", str(args.model_dir),
            "--port", str(port), "--slots", str(args.slots), "--warmup-text", args.text, "--log-level", "warning",
-           "--max-queue", str(max(64, 2 * max(args.concurrency))), *args.server_arg]
+           "--max-queue", str(max(64, 2 * max(args.concurrency + (args.stream_concurrency or [])))),
+           *args.server_arg]
     log = open(args.server_log, "wb") if args.server_log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -160,6 +161,8 @@ def main(argv=None) -> int:
     src.add_argument("--model-dir", type=Path, help="start `cosyvoice2-jax serve` on this model for the test")
     ap.add_argument("--pid", type=int, help="server pid for RSS sampling (with --url)")
     ap.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8, 16])
+    ap.add_argument("--stream-concurrency", type=lambda s: [int(x) for x in s.split(",")],
+                    help="client counts of the streaming levels (default: --concurrency)")
     ap.add_argument("--modes", default="file,stream", help="file (non-streaming), stream, or both")
     ap.add_argument("--requests-per-client", type=int, default=2,
                     help="requests per level = this x concurrency (at least 2, at most 64); default 2")
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
     levels = []
     try:
         for mode in args.modes.split(","):
-            for c in args.concurrency:
+            for c in (args.stream_concurrency or args.concurrency) if mode == "stream" else args.concurrency:
                 if time.perf_counter() > deadline:
                     print(f"time budget reached, skipping {mode} c={c}", file=sys.stderr)
                     continue
