@@ -109,7 +109,8 @@ def quick(env):
 def server(env):
     # streaming flow-cache budget of one stream of TEXT (120 tokens: the 200-frame tier grown to 400,
     # 14.4 + 26.7 MB while it grows) but not two: the second waits
-    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "60")
+    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--stream-memory-mb", "60",
+                   "--stream-wait", "600")  # (a loaded CI box: the second stream may wait long)
     yield s
     s.stop()
 
