@@ -269,6 +269,10 @@ def acceptance(levels: list, soak: dict | None) -> dict:
     return out
 
 
+def ratio(lv: dict) -> str:
+    return f"{lv['throughput_vs_1']:.2f}x" if "throughput_vs_1" in lv else "-"
+
+
 STAGES = ("lm_prefill", "lm_decode", "flow", "hift", "token2wav_stream")
 
 
@@ -281,7 +285,7 @@ def table(levels: list) -> str:
         st = lv["stage_seconds"]
         rows.append(f"| {lv['mode']} | {lv['concurrency']} | {lv['requests']} | {lv['errors']} | {lv['skipped']} | "
                     f"{lv['first_chunk_p50_s'] or 0:.2f} / {lv['first_chunk_p95_s'] or 0:.2f} | "
-                    f"{lv['audio_s_per_wall_s']:.3f} | {lv.get('throughput_vs_1', 0):.2f}x | {lv['wall_s']:.1f} | "
+                    f"{lv['audio_s_per_wall_s']:.3f} | {ratio(lv)} | {lv['wall_s']:.1f} | "
                     + " / ".join(f"{st.get(k, 0):.1f}" for k in STAGES) + " |")
     return "\n".join(rows)
 
