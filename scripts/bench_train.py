@@ -18,6 +18,12 @@ time and the host's peak RSS::
   python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
   python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
   python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
+  python scripts/bench_train.py scale --objective distill-reflow --chips 64 --mesh 1 64 1 --no-compile
+
+``--no-compile``: only ``state_per_chip_gib``, the exact per-device size of the sharded params and optimizer
+state (shard shapes of the trainer's shardings; frozen params such as a distillation teacher get no
+optimizer state). A user's ``XLA_FLAGS`` are kept (e.g. ``--xla_backend_optimization_level=0`` to shorten a
+full-size CPU compile: LLVM runs after buffer assignment, so memory and FLOPs are unchanged).
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
