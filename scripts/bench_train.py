@@ -18,6 +18,12 @@ time and the host's peak RSS::
   python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
   python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
   python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
+  python scripts/bench_train.py scale --objective distill-reflow --chips 64 --mesh 1 64 1 --no-compile
+
+``--no-compile``: only ``state_per_chip_gib``, the exact per-device size of the sharded params and optimizer
+state (shard shapes of the trainer's shardings; frozen params such as a distillation teacher get no
+optimizer state). A user's ``XLA_FLAGS`` are kept (e.g. ``--xla_backend_optimization_level=0`` to shorten a
+full-size CPU compile: LLVM runs after buffer assignment, so memory and FLOPs are unchanged).
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -35,7 +41,7 @@ import time
 for _mode, _flag in (("speed", "--devices"), ("scale", "--chips")):
     if _mode in sys.argv and _flag in sys.argv:
         n = sys.argv[sys.argv.index(_flag) + 1]
-        os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 # --cpu-scheduler memory: XLA CPU's memory-minimising scheduler instead of the default concurrency-optimised
 # (breadth-first) one, which runs remat's recomputations right after the forward pass and so hides what
 # --remat saves (TPU/GPU compilers schedule for memory). A backend flag: set before jax starts.
@@ -178,6 +184,24 @@ PEAK = {
 }
 
 
+def state_per_chip_gib(abstract, shardings) -> dict:
+    """Per-device GiB of the train state's parts, from their shardings' shard shapes (exact, no
+    compile): ``params`` (for a distillation state also ``params/student`` and ``params/teacher``),
+    ``opt_state`` and ``trainable`` (the parameters that get gradients: the size of the gradient)."""
+    def gib(tree, sh):
+        return sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+                   for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(sh))) / 1024 ** 3
+
+    p, ps = abstract["params"], shardings["params"]
+    out = {"params": gib(p, ps), "opt_state": gib(abstract["opt_state"], shardings["opt_state"])}
+    if isinstance(p, dict) and set(p) == {"student", "teacher"}:
+        out.update({"params/student": gib(p["student"], ps["student"]), "params/teacher": gib(p["teacher"], ps["teacher"]),
+                    "trainable": gib(p["student"], ps["student"])})
+    else:
+        out["trainable"] = out["params"]
+    return {k: round(v, 4) for k, v in out.items()}
+
+
 def scale(args):
     import flax.linen as nn  # noqa: F401  (abstract_state reads logical partitioning metadata)
 
@@ -204,8 +228,13 @@ def scale(args):
             obj = FlowObjective(cfg.flow, remat=args.remat)
         batch = flow_batch(rows, args.speech)
         tokens = rows * args.speech
-    tx = make_optimizer(OptimConfig(lr=1e-5))
+    tx = TR.with_trainable_mask(obj, make_optimizer(OptimConfig(lr=1e-5)))  # as the trainer: no state for frozen params
     abstract, sh = TR.abstract_state(obj, tx, mesh)
+    state_gib = state_per_chip_gib(abstract, sh)
+    if args.no_compile:
+        print(json.dumps({"objective": args.objective, "model": args.model, "chips": mesh.size, "mesh": dict(mesh.shape),
+                          "state_per_chip_gib": state_gib}, indent=2))
+        return
     step = TR.make_train_step(obj, tx, sh, mesh, precision=args.precision).step
     bsh = {k: M.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     b = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=bsh[k]) for k, v in batch.items()}
@@ -229,6 +258,7 @@ def scale(args):
            "host_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2, 2),
            "flops_per_step_per_chip": flops_dev, "flops_per_step": flops_dev * mesh.size,
            "flops_per_token_per_param": round(flops_dev * mesh.size / tokens / n_params, 2),
+           "state_per_chip_gib": state_gib,
            "memory_per_chip_gib": {"arguments": round(ma.argument_size_in_bytes / gib, 3),
                                    "temp": round(ma.temp_size_in_bytes / gib, 3), "peak_estimate": round(peak_mem, 3)},
            "assumed_mfu": args.mfu, "accelerators": {}}
@@ -266,6 +296,8 @@ def main():
     c.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none",
                    help="remat policy (layers/remat.py): per LM decoder layer / per flow U-Net stage")
     c.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation for the expected time")
+    c.add_argument("--no-compile", action="store_true",
+                   help="only the per-chip size of the sharded train state (params, optimizer state; no compile)")
     for p in (m, c):
         p.add_argument("--cpu-scheduler", choices=["default", "memory"], default="default",
                        help="XLA CPU scheduler for the compile (memory: shows what remat saves; see the top of this file)")

@@ -1,6 +1,7 @@
 """Distil a tiny random-weight flow into a 1-2 pass student and compare it with the teacher.
 
     PYTHONPATH=. python scripts/distill_tiny.py --method reflow --steps 300 --out /tmp/distill_tiny
+    PYTHONPATH=. python scripts/distill_tiny.py --release /tmp/cv2-tiny --export /tmp/cv2-tiny-reflow ...
 
 Teacher: the tiny flow (``ModelConfig.tiny()``, weights re-drawn variance-preserving so that its
 output depends on its inputs) sampled the official way (10 Euler steps, cosine grid, CFG 0.7 =
@@ -10,6 +11,12 @@ seen). Evaluation on ``--eval`` held-out utterances with the official fixed nois
 teacher's 20-pass output of the student at 1 and 2 passes, and of the teacher itself at the same
 number of passes (1 pass: one Euler step of v_c; 2 passes: the better of one CFG step and two
 v_c steps). Writes ``results.json`` (and prints a table).
+
+``--release DIR``: the teacher is DIR's ``flow.pt`` (e.g. the tiny random release of
+``scripts/make_random_release.py``) at its own config instead of the re-drawn ``ModelConfig.tiny()``
+flow; ``--export OUT``: write the student as a release directory (a copy of ``--release`` whose
+``flow.pt`` is the student, ``train.distill.export_student``) for ``scripts/flow_study.py
+--reference-model`` (docs/distillation.md).
 """
 from __future__ import annotations
 
@@ -31,23 +38,40 @@ def _redraw(tree, seed):
     return jax.tree.map(jnp.asarray, params_util.redraw(tree, seed))
 
 
-def batch(rng: np.random.Generator, cfg, B: int, S: int) -> dict:
+def batch(rng: np.random.Generator, cfg, B: int, S: int, mel_offset: float = 0.0) -> dict:
+    """Random tokens, mel (standard normal + ``mel_offset``; -5 is the log-mel range of
+    ``scripts/flow_study.py``'s utterances) and x-vectors."""
     tl = rng.integers(S // 2, S + 1, B)
     return {"speech_token": rng.integers(0, cfg.vocab_size, (B, S)).astype(np.int32), "speech_token_len": tl,
-            "speech_feat": rng.normal(size=(B, 2 * S, cfg.output_size)).astype(np.float32),
+            "speech_feat": (rng.normal(size=(B, 2 * S, cfg.output_size)) + mel_offset).astype(np.float32),
             "speech_feat_len": 2 * tl, "embedding": rng.normal(size=(B, cfg.spk_embed_dim)).astype(np.float32),
             "valid": np.ones(B, bool)}
 
 
+def release_teacher(release: Path):
+    """(FlowConfig, flow params) of a release directory's ``flow.pt``."""
+    from cosyvoice2_jax import flow
+    from cosyvoice2_jax.pipeline.release import check_release_dir, config_from_release_yaml
+
+    paths = check_release_dir(release)
+    cfg = config_from_release_yaml(paths.yaml).flow
+    return cfg, jax.tree.map(jnp.asarray, flow.from_release(paths.file("flow"), cfg))
+
+
 def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: int = 4, tokens: int = 20,
-        n_eval: int = 4, seed: int = 0, grid_ratio: float = 0.5, couplings: bool = False, log=print) -> dict:
+        n_eval: int = 4, seed: int = 0, grid_ratio: float = 0.5, couplings: bool = False, log=print,
+        teacher=None, mel_offset: float = 0.0) -> dict:
+    """``teacher``: ``(FlowConfig, params)`` of the flow to distil (default: the re-drawn tiny flow)."""
     from cosyvoice2_jax.config import ModelConfig
     from cosyvoice2_jax.flow import distill as D
     from cosyvoice2_jax.flow import modeling
     from cosyvoice2_jax.train.distill import DistillObjective
 
-    cfg = ModelConfig.tiny().flow
-    teacher = _redraw(modeling.abstract_params(cfg), seed)
+    if teacher is None:
+        cfg = ModelConfig.tiny().flow
+        teacher = _redraw(modeling.abstract_params(cfg), seed)
+    else:
+        cfg, teacher = teacher
     opts = D.DistillOptions(method=method, student_steps=1, grid_ratio=grid_ratio, teacher_couplings=couplings)
     obj = DistillObjective(cfg, opts, init_from=teacher)
     params = obj.init_params(jax.random.key(seed))
@@ -64,7 +88,7 @@ def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: 
 
     # held-out utterances: a separate generator; prompts of 10 tokens from the batch's first tokens
     er = np.random.default_rng(10_000 + seed)
-    evals = [batch(er, cfg, 1, tokens) for _ in range(n_eval)]
+    evals = [batch(er, cfg, 1, tokens, mel_offset) for _ in range(n_eval)]
 
     def mel(p, fcfg, e, **kw):
         tok = e["speech_token"][:, 10: int(e["speech_token_len"][0])]
@@ -85,13 +109,14 @@ def run(method: str = "reflow", steps: int = 300, lr: float = 1e-3, batch_size: 
     r = np.random.default_rng(seed)
     t0, losses = time.time(), []
     for i in range(steps):
-        params, opt, loss = step(params, opt, batch(r, cfg, batch_size, tokens), jax.random.key(i))
+        params, opt, loss = step(params, opt, batch(r, cfg, batch_size, tokens, mel_offset), jax.random.key(i))
         losses.append(float(loss))
         if (i + 1) % max(1, steps // 5) == 0:
             log(f"[distill {method}] step {i + 1}/{steps} loss {np.mean(losses[-20:]):.4f} "
                 f"({time.time() - t0:.0f} s)")
     after = {n: err(params["student"], student_cfg, n_timesteps=n) for n in (1, 2)}
     out = {"method": method, "steps": steps, "lr": lr, "grid_ratio": grid_ratio, "teacher_couplings": couplings, "batch": batch_size, "eval_utterances": n_eval,
+           "mel_offset": mel_offset,
            "teacher_1pass": teacher_1, "teacher_2pass": teacher_2,
            "student_init_1pass": before[1], "student_init_2pass": before[2],
            "student_1pass": after[1], "student_2pass": after[2], "train_s": time.time() - t0,
@@ -109,8 +134,24 @@ def main(argv=None):
     ap.add_argument("--couplings", action="store_true", help="meanflow: interpolate towards the teacher's output")
     ap.add_argument("--grid-ratio", type=float, default=0.5, help="rows drawn on the 1-/2-step grids")
     ap.add_argument("--out", type=Path, default=Path("runs/distill_tiny"))
+    ap.add_argument("--mel-offset", type=float, default=0.0,
+                    help="added to the random training/eval mel (-5: the log-mel range of flow_study's utterances)")
+    ap.add_argument("--release", type=Path, help="teacher: this release directory's flow.pt")
+    ap.add_argument("--export", type=Path, help="write the student as a release directory (needs --release)")
     a = ap.parse_args(argv)
-    res = run(a.method, a.steps, a.lr, n_eval=a.eval, seed=a.seed, grid_ratio=a.grid_ratio, couplings=a.couplings)["result"]
+    if a.export is not None and a.release is None:
+        ap.error("--export copies the --release directory; give --release too")
+    if a.export is not None and a.export.exists():
+        ap.error(f"--export {a.export} exists; choose a new directory (nothing is overwritten)")
+    teacher = None if a.release is None else release_teacher(a.release)
+    done = run(a.method, a.steps, a.lr, n_eval=a.eval, seed=a.seed, grid_ratio=a.grid_ratio, couplings=a.couplings,
+               teacher=teacher, mel_offset=a.mel_offset)
+    res = done["result"]
+    if a.export is not None:
+        from cosyvoice2_jax.train.distill import export_student
+
+        export_student(done["student"], done["student_cfg"], a.release, a.export)
+        res["export"] = str(a.export)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "results.json").write_text(json.dumps(res, indent=2))
     print("| passes | teacher (same passes) | student before | student after |")

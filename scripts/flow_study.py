@@ -1,6 +1,7 @@
 """Flow-matching sampler study: error against a tight adaptive reference vs cost, per sampler config.
 
-    python scripts/flow_study.py --model-dir DIR --sweep sweep.yaml --out OUT_DIR [--overwrite] [--vmap]
+    python scripts/flow_study.py --model-dir DIR [--model-dir DIR2 ...] --sweep sweep.yaml --out OUT_DIR \
+        [--reference-model REF_DIR] [--overwrite] [--vmap]
 
 For every sampler config of the sweep (``cosyvoice2_jax.flow.sampling.SamplerConfig``) and a set of
 utterances (prompt tokens + prompt mel + x-vector + tokens, drawn from a seed), the flow ODE is
@@ -15,6 +16,7 @@ estimator passes, one curve per grid/solver/guidance family over the step counts
 or a converted one. The sweep YAML::
 
     reference: {solver: Tsit5, rtol: 1.0e-5, atol: 1.0e-5}   # adaptive reference
+    # or: reference: {sampler: {}}   # the output of one fixed sampler ({} = official) as the reference
     utterances: {count: 2, prompt_tokens: 25, tokens: 75, seed: 0}
     noise: official            # the official fixed noise, or an integer seed
     vocoder: true              # log-spectral distance of the vocoded audio (needs hift)
@@ -24,6 +26,17 @@ or a converted one. The sweep YAML::
     product:                   # and the cartesian product of these lists
       steps: [4, 8]
       solver: [euler, heun]
+
+Another model as the reference (``--reference-model REF_DIR``, e.g. a distilled student measured
+against its teacher): the reference is solved with REF_DIR's flow on the same utterances and noise
+(its adaptive reference of each sampler's ODE, or with ``reference: {sampler: {...}}`` in the sweep
+the output of that one fixed sampler, e.g. ``sampler: {}`` = the official 10-step Euler, CFG 0.7;
+the reference audio is vocoded with REF_DIR's HiFT). ``reference.sampler`` also works without
+``--reference-model`` (the measured model's own sampler output). Several ``--model-dir`` give one
+table and one plot (column ``model``; the curves are per model); a distilled student
+(``FlowConfig.student``) runs each sampler as the pipeline does (``flow.modeling.resolve_sampler``:
+one row, the CFG rate fed to its input ``w``). Models and reference share the flow's vocabulary,
+mel and x-vector sizes (checked).
 
 ``--vmap``: the configs of one structure (solver, steps, guidance) run as one vmapped program
 (``sampling.sweep``); the wall time is then the group's time divided by its size.
@@ -60,7 +73,7 @@ from cosyvoice2_jax.errors import ConfigError, CosyVoiceError  # noqa: E402
 SWEEP_KEYS = ("reference", "utterances", "noise", "vocoder", "samplers", "product")
 COLUMNS = ("label", "solver", "grid", "retime", "guidance", "cfg_rate", "steps", "nfe", "rows", "estimator_passes",
            "mel_l1", "mel_max_abs", "lsd_db", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "wer", "spk_sim",
-           "wall_s", "compile_s", "ref_nfe", "official")
+           "wall_s", "compile_s", "ref_nfe", "official", "model", "reference")
 
 
 # ----------------------------------------------------------------------------- sweep file
@@ -70,6 +83,13 @@ class Reference:
     rtol: float = 1e-5
     atol: float = 1e-5
     max_steps: int = 4096
+    sampler: Any = None  # a SamplerConfig: its output is the reference (instead of the adaptive solve)
+
+    @property
+    def label(self) -> str:
+        if self.sampler is not None:
+            return self.sampler.label
+        return f"{self.solver} rtol={self.rtol:g} atol={self.atol:g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +126,14 @@ def load_sweep(path: Path) -> Sweep:
     unknown = sorted(set(data) - set(SWEEP_KEYS))
     if unknown:
         raise ConfigError(f"--sweep {path}: unknown keys {unknown}; valid: {', '.join(SWEEP_KEYS)}")
-    ref = from_dict(Reference, data.get("reference") or {})
+    ref_data = dict(data.get("reference") or {})
+    ref_sampler = ref_data.pop("sampler", None)
+    ref = from_dict(Reference, ref_data)
+    if ref_sampler is not None:
+        try:
+            ref = dataclasses.replace(ref, sampler=SamplerConfig.from_dict(ref_sampler))
+        except ConfigError as e:
+            raise ConfigError(f"--sweep {path}, reference.sampler ({ref_sampler}): {e}") from None
     utt = from_dict(Utterances, data.get("utterances") or {})
     if utt.count < 1 or utt.prompt_tokens < 1 or utt.tokens < 1:
         raise ConfigError(f"--sweep {path}: utterances need count, prompt_tokens and tokens >= 1, got {utt}")
@@ -309,10 +336,31 @@ def _ref_key(s) -> tuple:
 
 
 # ----------------------------------------------------------------------------- the study
+def check_same_inputs(cfg, ref_cfg, name: str) -> None:
+    """A reference model must take the measured model's inputs (the same utterances are fed to both)."""
+    for f in ("vocab_size", "output_size", "spk_embed_dim", "token_mel_ratio"):
+        a, b = getattr(cfg.flow, f), getattr(ref_cfg.flow, f)
+        if a != b:
+            raise ConfigError(f"--reference-model {name}: its flow.{f} is {b}, the measured model's is {a}; "
+                              "the reference must be a flow of the same vocabulary, mel and x-vector sizes")
+
+
+def runnable(cfg, sampler):
+    """The sampler as ``cfg``'s flow runs it: a distilled student's through ``resolve_sampler`` (one
+    row, the CFG rate fed to its input ``w``), any other flow's unchanged."""
+    from cosyvoice2_jax.flow.modeling import resolve_sampler
+
+    return resolve_sampler(cfg.flow, sampler) if cfg.flow.student.enabled else sampler
+
+
 def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bool = True,
-              loaded=None, perceptual: list[str] | None = None) -> list[dict]:
+              loaded=None, perceptual: list[str] | None = None, reference=None,
+              ref_cache: dict | None = None) -> list[dict]:
     """One row per sampler (``COLUMNS`` + its config). ``perceptual``: the metrics to compute
-    (default: every installed one, :func:`perceptual_available`; needs ``sweep.vocoder``)."""
+    (default: every installed one, :func:`perceptual_available`; needs ``sweep.vocoder``).
+    ``reference``: the reference model's :func:`load_flow` triple (default: the measured model);
+    ``ref_cache``: a dict that keeps the references of one reference model and sweep between calls
+    (several models measured against it)."""
     import jax
     from tqdm import tqdm
 
@@ -320,6 +368,7 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
     from cosyvoice2_jax.flow import sampling as S
 
     cfg, flow_params, hift_params = loaded or load_flow(model_dir)
+    rcfg, rparams, rhift = reference or (cfg, flow_params, hift_params)
     utt = make_utterances(sweep.utterances, cfg)
     metrics = perceptual_available() if perceptual is None else list(perceptual)
     cond = packed_inputs(cfg, utt)
@@ -329,8 +378,8 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
     z = cfm.initial_noise(noise, B, F, cfg.flow.output_size)
     n0 = int(utt["prompt_frames"])
 
-    @functools.partial(jax.jit, static_argnames=("structure",))
-    def run(params, cond, z, arrays, structure):
+    @functools.partial(jax.jit, static_argnames=("structure", "cfg"))
+    def run(params, cond, z, arrays, structure, cfg):
         return S.sample_arrays(make_estimate(params, cfg, cond, arrays, structure), z, structure, arrays)[0]
 
     @functools.partial(jax.jit, static_argnames=("structure",))
@@ -345,51 +394,64 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
 
     ref = sweep.reference
 
-    @functools.partial(jax.jit, static_argnames=("guidance", "indexed"))
-    def run_ref(params, cond, z, arrays, guidance, indexed):
+    @functools.partial(jax.jit, static_argnames=("guidance", "indexed", "cfg"))
+    def run_ref(params, cond, z, arrays, guidance, indexed, cfg):
         # a student's reference: its instantaneous velocity (step size d = 0), k = the grid step
         field, grid = S.reference_field(make_estimate(params, cfg, cond, arrays, ("reference",)), guidance, arrays)
         return S.reference_solve(field, z, rtol=ref.rtol, atol=ref.atol, solver=ref.solver,
                                  grid=grid if indexed else None, max_steps=ref.max_steps)
 
-    vocoder = None
+    vocoder = ref_vocoder = None
     if sweep.vocoder:
         from cosyvoice2_jax.hift.runtime import Vocoder
 
         vocoder = Vocoder(cfg.hift, hift_params)
+        ref_vocoder = vocoder if reference is None else Vocoder(rcfg.hift, rhift)
     keys = [jax.random.key(1000 + b) for b in range(B)]
 
-    def audio(mel):
-        return vocoder([np.asarray(m[n0:]) for m in mel], keys)[0]
+    def audio(mel, voc):
+        return voc([np.asarray(m[n0:]) for m in mel], keys)[0]
 
-    # references, one per distinct ODE
-    refs: dict[tuple, dict] = {}
+    def ref_key(s) -> tuple:
+        return ("sampler",) if ref.sampler is not None else _ref_key(s)
+
+    # references, one per distinct ODE (or the one fixed sampler's output)
+    refs: dict[tuple, dict] = {} if ref_cache is None else ref_cache
     samplers = sweep.samplers
-    bar = tqdm(total=len(samplers) + len({_ref_key(s) for s in samplers}), disable=not progress,
-               desc="flow study", unit="solve")
+    todo = {ref_key(s) for s in samplers} - set(refs)
+    bar = tqdm(total=len(samplers) + len(todo), disable=not progress, desc="flow study", unit="solve")
     for s in samplers:
-        k = _ref_key(s)
+        k = ref_key(s)
         if k in refs:
             continue
-        indexed = S.step_indexed(s)
-        # a t-only ODE: one-step arrays, so every reference of this guidance shares one program
-        ode = s if indexed else dataclasses.replace(s, steps=1, grid="uniform", times=(), retime="none")
-        (x_ref, stats), _ = _timed(run_ref, flow_params, cond, z, S.guidance_arrays(ode), s.guidance, indexed)
-        if int(stats["num_steps"]) >= ref.max_steps:
-            raise CosyVoiceError(f"the adaptive reference hit max_steps={ref.max_steps} for {s.label}; "
-                                 "loosen reference.rtol/atol or raise reference.max_steps")
-        refs[k] = {"mel": np.asarray(x_ref), "nfe": int(stats["n_evals"]),
-                   "audio": audio(np.asarray(x_ref)) if vocoder else None, "perceptual": [{} for _ in range(B)]}
+        if ref.sampler is not None:
+            rs = runnable(rcfg, ref.sampler)
+            x_ref = run(rparams, cond, z, S.guidance_arrays(rs), rs.structure, rcfg)
+            ref_nfe = S.n_evals(rs)
+        else:
+            indexed = S.step_indexed(s)
+            # a t-only ODE: one-step arrays, so every reference of this guidance shares one program
+            ode = runnable(rcfg, s if indexed else dataclasses.replace(s, steps=1, grid="uniform", times=(),
+                                                                      retime="none"))
+            (x_ref, stats), _ = _timed(run_ref, rparams, cond, z, S.guidance_arrays(ode), ode.guidance, indexed, rcfg)
+            if int(stats["num_steps"]) >= ref.max_steps:
+                raise CosyVoiceError(f"the adaptive reference hit max_steps={ref.max_steps} for {s.label}; "
+                                     "loosen reference.rtol/atol or raise reference.max_steps")
+            ref_nfe = int(stats["n_evals"])
+        refs[k] = {"mel": np.asarray(x_ref), "nfe": ref_nfe,
+                   "audio": audio(np.asarray(x_ref), ref_vocoder) if vocoder else None,
+                   "perceptual": [{} for _ in range(B)]}
         bar.update(1)
 
-    # the samplers: grouped by compiled structure
+    # the samplers, as this model runs them: grouped by compiled structure
+    plan = {s: runnable(cfg, s) for s in samplers}
     groups: dict[tuple, list] = {}
     for s in samplers:
-        groups.setdefault(s.structure, []).append(s)
+        groups.setdefault(plan[s].structure, []).append(s)
     mels: dict = {}
     for structure, members in groups.items():
         if vmap:
-            _, arrays = S.stack_arrays(members)
+            _, arrays = S.stack_arrays([plan[s] for s in members])
             _, compile_s = _timed(run_many, flow_params, cond, z, arrays, structure)
             out, wall = _timed(run_many, flow_params, cond, z, arrays, structure)
             for i, s in enumerate(members):
@@ -397,9 +459,9 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
                 bar.update(1)
         else:
             for i, s in enumerate(members):  # one compile per structure: the first member pays it
-                arrays = S.guidance_arrays(s)
-                _, t_first = _timed(run, flow_params, cond, z, arrays, structure)
-                out, wall = _timed(run, flow_params, cond, z, arrays, structure)
+                arrays = S.guidance_arrays(plan[s])
+                _, t_first = _timed(run, flow_params, cond, z, arrays, structure, cfg)
+                out, wall = _timed(run, flow_params, cond, z, arrays, structure, cfg)
                 mels[s] = (np.asarray(out), wall, max(t_first - wall, 0.0) if i == 0 else 0.0)
                 bar.update(1)
     bar.close()
@@ -408,28 +470,30 @@ def run_study(model_dir: Path, sweep: Sweep, *, vmap: bool = False, progress: bo
     rows = []
     for s in samplers:
         mel, wall, comp = mels[s]
-        r = refs[_ref_key(s)]
+        r = refs[ref_key(s)]
         d = mel[:, n0:] - r["mel"][:, n0:]
         lsd, perc = None, {}
         if vocoder:
-            a = audio(mel)
+            a = audio(mel, vocoder)
             lsd = float(np.mean([log_spectral_distance(x, y) for x, y in zip(a, r["audio"])]))
             if metrics:
                 per = [perceptual_columns(x, y, cfg.sample_rate, metrics, rc)
                        for x, y, rc in zip(a, r["audio"], r["perceptual"])]
                 perc = {k: _mean(p.get(k) for p in per) for k in per[0]}
+        run_s = plan[s]
         rows.append({"label": s.label, "solver": s.solver, "grid": s.grid, "retime": s.retime,
-                     "guidance": s.guidance, "cfg_rate": s.cfg_rate, "steps": s.steps, "nfe": S.n_evals(s),
-                     "rows": S.rows(s), "estimator_passes": S.estimator_passes(s),
+                     "guidance": s.guidance, "cfg_rate": s.cfg_rate, "steps": s.steps, "nfe": S.n_evals(run_s),
+                     "rows": S.rows(run_s), "estimator_passes": S.estimator_passes(run_s),
                      "mel_l1": float(np.mean(np.abs(d))), "mel_max_abs": float(np.max(np.abs(d))), "lsd_db": lsd,
                      **{c: perc.get(c) for c in ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak", "wer", "spk_sim")},
                      "wall_s": round(wall, 5), "compile_s": round(comp, 3), "ref_nfe": r["nfe"],
-                     "official": s == official, "config": dataclasses.asdict(s)})
+                     "official": s == official and not cfg.flow.student.enabled, "model": Path(model_dir).name,
+                     "reference": ref.label, "config": dataclasses.asdict(s)})
     return rows
 
 
 # ----------------------------------------------------------------------------- outputs
-def family(row: dict) -> str:
+def family(row: dict, with_model: bool = False) -> str:
     c = row["config"]
     g = row["grid"] + (f">{row['retime']}" if row["retime"] not in ("none", "linear") else "")
     gd = row["guidance"] + ("" if row["guidance"] == "none" else f" w={row['cfg_rate']:g}")
@@ -439,18 +503,21 @@ def family(row: dict) -> str:
         gd += f" t∈{list(c['cfg_interval'])}"
     if c["zero_steps"]:
         gd += f" zero{c['zero_steps']}"
-    return f"{row['solver']} / {g} / {gd}"
+    name = f"{row['solver']} / {g} / {gd}"
+    return f"{row['model']}: {name}" if with_model else name
 
 
-def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
+def plot_pareto(rows: list[dict], path: Path, title: str, reference: str = "adaptive reference of the same ODE"
+                ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fams: dict[str, list] = {}
+    with_model = len({r.get("model") for r in rows}) > 1
     for r in rows:
-        fams.setdefault(family(r), []).append(r)
+        fams.setdefault(family(r, with_model), []).append(r)
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     colors = plt.get_cmap("tab20").colors
     markers = "osD^v<>PX*h"
@@ -467,7 +534,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("estimator passes per utterance (NFE x rows; CFG = 2 rows)")
-    ax.set_ylabel("mel L1 error vs adaptive reference of the same ODE (log-mel units)")
+    ax.set_ylabel(f"mel L1 error vs {reference} (log-mel units)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
@@ -494,7 +561,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
         w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
     _write(out / "results.csv", buf.getvalue())
     _write(out / "results.json", json.dumps({"meta": meta, "rows": rows}, indent=1, ensure_ascii=False))
-    plot_pareto(rows, out / "pareto.png", f"Flow samplers: error vs cost ({meta['model']})")
+    plot_pareto(rows, out / "pareto.png", f"Flow samplers: error vs cost ({meta['model']})",
+                meta.get("reference_label", "adaptive reference of the same ODE"))
 
 
 def best_table(rows: list[dict]) -> str:
@@ -505,14 +573,18 @@ def best_table(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["mel_l1"] > target, r["estimator_passes"], r["mel_l1"])):
         lsd = "" if r["lsd_db"] is None else f"{r['lsd_db']:.3f}"
         mark = " (official)" if r["official"] else ""
-        lines.append(f"| {r['label']}{mark} | {r['estimator_passes']} | {r['mel_l1']:.2e} "
+        name = f"{r['model']}: {r['label']}" if len({x.get("model") for x in rows}) > 1 else r["label"]
+        lines.append(f"| {name}{mark} | {r['estimator_passes']} | {r['mel_l1']:.2e} "
                      f"| {r['mel_max_abs']:.2e} | {lsd} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model-dir", type=Path, required=True, help="release or converted directory")
+    ap.add_argument("--model-dir", type=Path, required=True, action="append",
+                    help="release or converted directory; repeat it to measure several models in one study")
+    ap.add_argument("--reference-model", type=Path,
+                    help="measure against this model's reference output (release or converted directory)")
     ap.add_argument("--sweep", type=Path, required=True, help="sweep YAML (see the script's docstring)")
     ap.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
     ap.add_argument("--overwrite", action="store_true", help="replace results.* / pareto.png in --out")
@@ -529,8 +601,24 @@ def main(argv=None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         metrics = [] if args.no_perceptual or not sweep.vocoder else perceptual_available()
-        rows = run_study(args.model_dir, sweep, vmap=args.vmap, progress=not args.quiet, perceptual=metrics)
-        meta = {"model": args.model_dir.name, "model_dir": str(args.model_dir), "sweep": str(args.sweep),
+        reference = ref_cache = None
+        if args.reference_model is not None:
+            reference, ref_cache = load_flow(args.reference_model), {}
+        rows = []
+        for model_dir in args.model_dir:
+            loaded = load_flow(model_dir)
+            if reference is not None:
+                check_same_inputs(loaded[0], reference[0], str(args.reference_model))
+            rows += run_study(model_dir, sweep, vmap=args.vmap, progress=not args.quiet, perceptual=metrics,
+                              loaded=loaded, reference=reference, ref_cache=ref_cache)
+        ref_label = sweep.reference.label if sweep.reference.sampler is not None else "adaptive reference"
+        if args.reference_model is not None:
+            ref_label = f"{args.reference_model.name} {ref_label}"
+        elif sweep.reference.sampler is None:
+            ref_label += " of the same ODE"
+        meta = {"model": ", ".join(d.name for d in args.model_dir), "model_dir": [str(d) for d in args.model_dir],
+                "reference_model": None if args.reference_model is None else str(args.reference_model),
+                "reference_label": ref_label, "sweep": str(args.sweep),
                 "reference": dataclasses.asdict(sweep.reference), "utterances": dataclasses.asdict(sweep.utterances),
                 "noise": sweep.noise, "vmap": args.vmap, "total_s": round(time.perf_counter() - t0, 2),
                 "load_avg": os.getloadavg()[0], "perceptual": metrics}

@@ -78,12 +78,72 @@ def test_study_writes_csv_json_png(tiny_release, loaded, tmp_path, capsys, monke
     assert "--overwrite" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("with_student", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_reference_model(tiny_release, loaded, tmp_path, monkeypatch, with_student):
+    """``--reference-model``: models measured against another model's fixed-sampler output on the same
+    inputs and noise. Hand-checkable: the teacher at the reference's own sampler is at distance 0;
+    slow: so is a freshly initialised student measured in the same study (its extra time inputs have
+    zero effect, so it equals the teacher), run as the pipeline runs it (one row, passes counted on the
+    resolved sampler)."""
+    dirs = {"teacher": tmp_path / "teacher"}
+    models = {dirs["teacher"]: loaded}
+    if with_student:
+        import dataclasses
+
+        import jax
+
+        from cosyvoice2_jax.flow.distill import DistillOptions
+        from cosyvoice2_jax.train.distill import DistillObjective
+
+        cfg, flow_params, hift_params = loaded
+        obj = DistillObjective(cfg.flow, DistillOptions(method="meanflow"), init_from=flow_params)
+        assert obj.cfg.student.enabled and obj.cfg.student.inputs
+        dirs["student"] = tmp_path / "student"
+        models[dirs["student"]] = (dataclasses.replace(cfg, flow=obj.cfg),
+                                   obj.init_params(jax.random.key(0))["student"], hift_params)
+    monkeypatch.setattr(FS, "load_flow", lambda d: models[d])
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("reference: {sampler: {steps: 2, grid: uniform, guidance: none}}\n"
+                     "utterances: {count: 1, prompt_tokens: 4, tokens: 8, seed: 0}\nvocoder: false\n"
+                     "samplers:\n  - {steps: 2, grid: uniform, guidance: none}\n  - {steps: 2, guidance: none}\n")
+    out = tmp_path / "out"
+    argv = [a for d in dirs.values() for a in ("--model-dir", str(d))]
+    assert FS.main(argv + ["--reference-model", str(dirs["teacher"]), "--sweep", str(sweep), "--out", str(out),
+                           "--quiet"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = {(r["model"], r["label"]): r for r in csv.DictReader(f)}
+    assert len(rows) == 2 * len(dirs)
+    two, cos = "euler/uniform/nocfg/2", "euler/cosine/nocfg/2"  # one compiled structure per model
+    assert float(rows["teacher", two]["mel_l1"]) == 0.0  # the reference itself: bit-identical program
+    if with_student:
+        assert float(rows["student", two]["mel_l1"]) < 1e-6  # zero-effect extra inputs
+    for m in dirs:
+        assert float(rows[m, cos]["mel_l1"]) > 1e-3  # another grid lands elsewhere
+        assert rows[m, two]["estimator_passes"] == rows[m, cos]["estimator_passes"] == "2"
+        assert rows[m, two]["ref_nfe"] == "2" and rows[m, two]["reference"] == "euler/uniform/nocfg/2"
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["reference_model"] == str(dirs["teacher"])
+    assert data["meta"]["model_dir"] == [str(d) for d in dirs.values()]
+    assert (out / "pareto.png").stat().st_size > 10_000
+
+
+def test_reference_model_must_take_the_same_inputs(loaded):
+    import dataclasses
+    import types
+
+    cfg = loaded[0]
+    other = types.SimpleNamespace(flow=dataclasses.replace(cfg.flow, vocab_size=cfg.flow.vocab_size + 1))
+    with pytest.raises(FS.ConfigError, match="vocab_size"):
+        FS.check_same_inputs(cfg, other, "REF")
+
+
 @pytest.mark.parametrize("text,msg", [
     ("samplers:\n  - {solver: rk5}\n", "sampler.solver"),
     ("samplers: []\n", "no sampler configs"),
     ("bogus: 1\nsamplers:\n  - {}\n", "unknown keys"),
     ("product: {steps: 4}\n", "product"),
     ("noise: gaussian\nsamplers:\n  - {}\n", "noise"),
+    ("reference: {sampler: {steps: 0}}\nsamplers:\n  - {}\n", "reference.sampler"),
 ])
 def test_bad_sweep(tmp_path, capsys, text, msg):
     p = tmp_path / "s.yaml"

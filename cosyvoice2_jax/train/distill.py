@@ -28,6 +28,7 @@ from ..flow import distill as D
 from ..flow import modeling as F
 from ..flow.params import param_axes as flow_param_axes
 from ..layers.masks import valid_mask
+from .flow import unpack_batch
 
 
 @dataclasses.dataclass
@@ -65,12 +66,8 @@ class DistillObjective:
     def loss_fn(self, params, batch, rng):
         o, cfg_s = self.options, self.cfg
         kd, km, kt, kw = jax.random.split(rng, 4)
-        feat = batch["speech_feat"]
-        B, Fr, C = feat.shape
-        feat_len = jnp.where(batch["valid"], batch["speech_feat_len"], 0)
-        tok_len = jnp.where(batch["valid"], batch["speech_token_len"], 0)
-        draws = cfm_lib.sample_loss_draws(kd, B, Fr, feat_len, cfg_s.cfm, C)
-        chunk = F.loss_masks(cfg_s, km, B)
+        feat, feat_len, tok_len, draws, chunk = unpack_batch(cfg_s, batch, kd, km)
+        B, Fr = feat.shape[:2]
         dec_chunk = chunk * cfg_s.token_mel_ratio
         cond = feat * valid_mask(draws["prompt_len"], Fr)[..., None].astype(feat.dtype)
         teacher = jax.lax.stop_gradient(params["teacher"])

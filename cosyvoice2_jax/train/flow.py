@@ -14,7 +14,7 @@ official objective.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,28 @@ from ..flow import cfm as cfm_lib
 from ..flow import modeling as F
 from ..flow import train_options as TO
 from ..layers.remat import check_remat
+
+
+class FlowBatch(NamedTuple):
+    """A flow training batch unpacked with its random draws (:func:`unpack_batch`)."""
+
+    feat: jax.Array  # (B, F, n_mels) target mel
+    feat_len: jax.Array  # (B,) valid frames, 0 on padding rows
+    tok_len: jax.Array  # (B,) valid tokens, 0 on padding rows
+    draws: dict  # cfm.sample_loss_draws: t, noise, CFG drop, prompt prefix
+    chunk: jax.Array  # (B,) attention chunk per row (flow.modeling.loss_masks; 0 = full)
+
+
+def unpack_batch(cfg: FlowConfig, batch: dict, k_draws: jax.Array, k_mask: jax.Array) -> FlowBatch:
+    """The target mel and lengths of a flow batch (padding rows, ``valid`` false, get length 0) and
+    the step's draws (``k_draws``) and attention masks (``k_mask``); the flow and distillation
+    objectives share it."""
+    feat = batch["speech_feat"]
+    B, Fr, C = feat.shape
+    feat_len = jnp.where(batch["valid"], batch["speech_feat_len"], 0)
+    tok_len = jnp.where(batch["valid"], batch["speech_token_len"], 0)
+    draws = cfm_lib.sample_loss_draws(k_draws, B, Fr, feat_len, cfg.cfm, C)
+    return FlowBatch(feat, feat_len, tok_len, draws, F.loss_masks(cfg, k_mask, B))
 
 
 @dataclasses.dataclass
@@ -44,13 +66,7 @@ class FlowObjective:
 
     def loss_fn(self, params, batch, rng):
         cfg = self.cfg
-        kd, km = jax.random.split(rng)
-        feat = batch["speech_feat"]
-        B, Fr, C = feat.shape
-        feat_len = jnp.where(batch["valid"], batch["speech_feat_len"], 0)
-        tok_len = jnp.where(batch["valid"], batch["speech_token_len"], 0)
-        draws = cfm_lib.sample_loss_draws(kd, B, Fr, feat_len, cfg.cfm, C)
-        chunk = F.loss_masks(cfg, km, B)
+        feat, feat_len, tok_len, draws, chunk = unpack_batch(cfg, batch, *jax.random.split(rng))
         # recorded draws (e.g. the official module's) replace the sampled ones when given
         draws = {k: batch.get(f"draw_{k}", v) for k, v in draws.items()}
         chunk = batch.get("draw_chunk", chunk)
