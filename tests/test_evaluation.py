@@ -165,6 +165,17 @@ def test_mos_without_perceptual_extra_names_it(tmp_path, monkeypatch, capsys):
     assert "perceptual" in capsys.readouterr().err
 
 
+def test_make_preference_pairs_cli_errors(tmp_path, capsys):
+    """The script's command line (the end-to-end test below drives its library functions): bad
+    arguments give one line naming the option, before any model is loaded."""
+    mpp = load_script("make_preference_pairs")
+    base = ["--data-list", str(tmp_path / "data.list"), "--model-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--num-candidates must be >= 2"):
+        mpp.main(base + ["--num-candidates", "1"])
+    with pytest.raises(SystemExit, match="data.list"):
+        mpp.main(base)
+
+
 # ------------------------------------------------------------------------------ end to end
 def test_preference_pairs_dpo_and_eval_before_after(tiny_release, tmp_path, prompt_wav, compiles):
     """Acceptance: pairs from generated shards, 20 DPO steps, evaluation before/after (files, shapes).
