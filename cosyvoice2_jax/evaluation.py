@@ -18,9 +18,15 @@ Test lists use the Seed-TTS-eval ``meta.lst`` format, one utterance per line::
   :class:`~cosyvoice2_jax.speaker.runtime.SpeakerEncoder`). Seed-TTS-eval's own SIM uses a WavLM
   speaker model: numbers are comparable within this harness, not with the paper's.
 
+* **MOS** (optional, ``mos=True`` / ``--mos``): DNSMOS P.835 (:func:`dnsmos`: ``dnsmos_ovrl``,
+  ``dnsmos_sig``, ``dnsmos_bak``, 1..5) of the output by ``speechmos``, whose ONNX models ship inside
+  its wheel (nothing downloaded at run time; extra ``perceptual``). ``scripts/flow_study.py`` uses
+  the same function.
+
 Summary numbers: ``wer`` is the mean of per-utterance error rates (as Seed-TTS-eval reports),
-``wer_corpus`` the total errors over the total reference words/characters. No perceptual MOS
-column yet. Results: a per-utterance CSV and a summary JSON, each written atomically.
+``wer_corpus`` the total errors over the total reference words/characters, ``sim`` and the MOS
+columns plain means (MOS over the clips long enough to score). Results: a per-utterance CSV and a
+summary JSON, each written atomically.
 """
 from __future__ import annotations
 
@@ -144,6 +150,41 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
 
 
+MOS_COLUMNS = ("dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak")
+_DNSMOS_MODULES = ("speechmos", "onnxruntime", "librosa", "requests")  # speechmos imports the others undeclared
+
+
+def dnsmos_available() -> bool:
+    """True when DNSMOS can run (the ``perceptual`` extra is installed)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in _DNSMOS_MODULES)
+
+
+def require_dnsmos() -> None:
+    """Raise a :class:`ConfigError` naming the extra when DNSMOS cannot run."""
+    import importlib.util
+
+    missing = [m for m in _DNSMOS_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"the MOS columns (DNSMOS) need {', '.join(missing)}: pip install "
+                          f"'cosyvoice2-jax[perceptual]' (or drop --mos)")
+
+
+def dnsmos(audio16k: np.ndarray) -> dict[str, float | None]:
+    """DNSMOS P.835 ``{dnsmos_ovrl, dnsmos_sig, dnsmos_bak}`` of one 16 kHz clip (speechmos's bundled
+    ONNX models, clip values limited to [-1, 1]; clips under 9 s are repeated to 9 s as DNSMOS does).
+    Clips under 0.1 s get None (no score)."""
+    require_dnsmos()
+    from speechmos import dnsmos as D
+
+    a = np.clip(np.asarray(audio16k, np.float32).reshape(-1), -1.0, 1.0)
+    if a.size < 16000 // 10:
+        return {c: None for c in MOS_COLUMNS}
+    r = D.run(a, sr=16000)
+    return {"dnsmos_ovrl": float(r["ovrl_mos"]), "dnsmos_sig": float(r["sig_mos"]), "dnsmos_bak": float(r["bak_mos"])}
+
+
 def to_16k(wav: np.ndarray, sr: int) -> np.ndarray:
     from .frontend.audio import resample
 
@@ -153,10 +194,16 @@ def to_16k(wav: np.ndarray, sr: int) -> np.ndarray:
 
 @dataclasses.dataclass
 class Scorer:
-    """WER by ``asr`` and SIM by ``speaker`` of synthesised audio (16 kHz lists in, dict rows out)."""
+    """WER by ``asr`` and SIM by ``speaker`` of synthesised audio (16 kHz lists in, dict rows out);
+    ``mos``: also the DNSMOS columns (:func:`dnsmos`)."""
 
     asr: ASR
     speaker: SpeakerEmbedder
+    mos: bool = False
+
+    def __post_init__(self):
+        if self.mos:
+            require_dnsmos()
 
     def score(self, outputs_16k: Sequence[np.ndarray], targets: Sequence[str], refs_16k: Sequence[np.ndarray],
               langs: Sequence[str]) -> list[dict[str, Any]]:
@@ -170,7 +217,8 @@ class Scorer:
         rows = []
         for i, (t, h, lang) in enumerate(zip(targets, hyps, langs)):
             e = error_rate(t, h, lang)
-            rows.append({"lang": lang, "hypothesis": h, **e, "sim": float(sims[i])})
+            rows.append({"lang": lang, "hypothesis": h, **e, "sim": float(sims[i]),
+                         **(dnsmos(outputs_16k[i]) if self.mos else {})})
         return rows
 
 
@@ -179,8 +227,13 @@ def summarize(rows: Sequence[dict]) -> dict[str, Any]:
     def agg(rs):
         n_ref = sum(r["n_ref"] for r in rs)
         errs = sum(r["sub"] + r["del"] + r["ins"] for r in rs)
-        return {"n": len(rs), "wer": float(np.mean([r["wer"] for r in rs])), "wer_corpus": errs / max(n_ref, 1),
-                "sim": float(np.mean([r["sim"] for r in rs]))}
+        out = {"n": len(rs), "wer": float(np.mean([r["wer"] for r in rs])), "wer_corpus": errs / max(n_ref, 1),
+               "sim": float(np.mean([r["sim"] for r in rs]))}
+        for c in MOS_COLUMNS:
+            if any(c in r for r in rs):
+                v = [r[c] for r in rs if r.get(c) is not None]
+                out[c] = float(np.mean(v)) if v else None
+        return out
 
     out = agg(rows) if rows else {"n": 0}
     out["by_lang"] = {l: agg([r for r in rows if r["lang"] == l]) for l in sorted({r["lang"] for r in rows})}
@@ -238,6 +291,19 @@ def row_key(seed: int, name: str):
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF)
 
 
+def use_llm_checkpoint(tts, workdir: str | Path) -> None:
+    """Replace the LM params of ``tts`` (a :class:`~cosyvoice2_jax.pipeline.CosyVoice2`) by those of the
+    latest checkpoint of a training run (the compiled programs stay: same shapes and placement)."""
+    import jax
+
+    trained = load_trained_llm(workdir)
+    shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
+    if shapes(trained) != shapes(tts.lm.params):
+        raise ConfigError(f"--llm-checkpoint {workdir}: its LM does not have the shapes of the "
+                          f"--model-dir LM (trained from another model size?)")
+    tts.lm.set_params(trained)
+
+
 def load_trained_llm(workdir: str | Path):
     """LM params of the latest checkpoint of a training run (``train.workdir``; LM or DPO policy)."""
     import orbax.checkpoint as ocp
@@ -258,7 +324,7 @@ def load_trained_llm(workdir: str | Path):
 
 # ------------------------------------------------------------------------------------ run
 CSV_COLUMNS = ("utt", "lang", "target_text", "hypothesis", "wer", "sub", "del", "ins", "n_ref", "sim", "seconds",
-               "wav")
+               "wav")  # + MOS_COLUMNS (after "sim") when the scorer computes MOS
 
 
 def evaluate(tts, rows: Sequence[EvalRow], out_dir: str | Path, scorer: Scorer, *, seed: int = 0,
@@ -307,15 +373,21 @@ def evaluate(tts, rows: Sequence[EvalRow], out_dir: str | Path, scorer: Scorer, 
         bar.update(len(batch))
     bar.close()
     summary = {**summarize(results), **(meta or {})}
-    write_csv(out_dir / "results.csv", results, CSV_COLUMNS)
+    cols = CSV_COLUMNS
+    if getattr(scorer, "mos", False):
+        i = CSV_COLUMNS.index("sim") + 1
+        cols = CSV_COLUMNS[:i] + MOS_COLUMNS + CSV_COLUMNS[i:]
+    write_csv(out_dir / "results.csv", results, cols)
     atomic_write_bytes(out_dir / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False).encode("utf-8"))
     return summary
 
 
 def build_scorer(asr: str, speaker: str, tts=None, *, whisper_dir: str | Path | None = None,
-                 asr_batch: int = 8) -> Scorer:
+                 asr_batch: int = 8, mos: bool = False) -> Scorer:
     """``asr``: ``whisper`` (needs ``whisper_dir``) or ``module:factory``; ``speaker``: ``campplus``
-    (the model's CAM++; needs ``tts``) or ``module:factory``."""
+    (the model's CAM++; needs ``tts``) or ``module:factory``; ``mos``: add the DNSMOS columns."""
+    if mos:
+        require_dnsmos()  # before any model is loaded
     if asr == "whisper":
         if whisper_dir is None:
             raise ConfigError("the Whisper ASR needs --whisper-dir (a local Hugging Face Whisper directory, e.g. "
@@ -331,7 +403,7 @@ def build_scorer(asr: str, speaker: str, tts=None, *, whisper_dir: str | Path | 
         s = tts.speaker_encoder
     else:
         s = load_plugin(speaker, "speaker")
-    return Scorer(a, s)
+    return Scorer(a, s, mos=mos)
 
 
 # ------------------------------------------------------------------------------------ command line
@@ -352,6 +424,8 @@ def add_arguments(p) -> None:
     p.add_argument("--asr", default="whisper", help="'whisper' (default, needs --whisper-dir) or module:factory")
     p.add_argument("--whisper-dir", type=_P, help="local Hugging Face Whisper directory")
     p.add_argument("--speaker", default="campplus", help="'campplus' (the model's CAM++) or module:factory")
+    p.add_argument("--mos", action="store_true", help="add DNSMOS P.835 columns (dnsmos_ovrl/sig/bak; needs the "
+                   "'perceptual' extra: speechmos ships its ONNX models in the wheel)")
     p.add_argument("--save-wavs", action="store_true", help="also write the synthesised audio to OUT/wavs/")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -367,29 +441,25 @@ def run_cli(args) -> dict:
     if done and not args.overwrite:
         raise ConfigError(f"{done[0]} exists; pass --overwrite to replace it or choose another --out")
     rows = read_list(args.list)
+    if args.mos:
+        require_dnsmos()  # before any model is loaded
     tts = None
     if args.model_dir is not None:
         from .pipeline import CosyVoice2
 
         tts = CosyVoice2.from_pretrained(args.model_dir, sampling=args.sampling, seed=args.seed)
         if args.llm_checkpoint is not None:
-            import jax
-
-            trained = load_trained_llm(args.llm_checkpoint)
-            shapes = lambda t: jax.tree.map(lambda x: tuple(x.shape), t)  # noqa: E731
-            if shapes(trained) != shapes(tts.lm.params):
-                raise ConfigError(f"--llm-checkpoint {args.llm_checkpoint}: its LM does not have the shapes of the "
-                                  f"--model-dir LM (trained from another model size?)")
-            tts.lm.params = jax.device_put(trained)
-    scorer = build_scorer(args.asr, args.speaker, tts, whisper_dir=args.whisper_dir)
+            use_llm_checkpoint(tts, args.llm_checkpoint)
+    scorer = build_scorer(args.asr, args.speaker, tts, whisper_dir=args.whisper_dir, mos=args.mos)
     meta = {"list": str(args.list), "model_dir": str(args.model_dir or ""), "llm_checkpoint": str(args.llm_checkpoint or ""),
             "wav_dir": str(args.wav_dir or ""), "sampling": args.sampling, "seed": args.seed, "asr": args.asr,
-            "whisper_dir": str(args.whisper_dir or ""), "speaker": args.speaker}
+            "whisper_dir": str(args.whisper_dir or ""), "speaker": args.speaker, "mos": bool(args.mos)}
     return evaluate(tts if args.wav_dir is None else None, rows, args.out, scorer, seed=args.seed,
                     batch_size=args.batch_size, lang=args.lang, save_wavs=args.save_wavs, wav_dir=args.wav_dir,
                     progress=not args.no_progress, meta=meta)
 
 
-__all__ = ["add_arguments", "run_cli", "ASR", "CSV_COLUMNS", "EvalListError", "EvalRow", "Scorer", "SpeakerEmbedder", "atomic_write_bytes",
-           "build_scorer", "cosine", "error_rate", "evaluate", "is_cjk", "language_of", "load_plugin",
-           "load_trained_llm", "normalize_text", "read_list", "row_key", "summarize", "to_16k", "write_csv"]
+__all__ = ["add_arguments", "run_cli", "ASR", "CSV_COLUMNS", "EvalListError", "EvalRow", "MOS_COLUMNS", "Scorer",
+           "SpeakerEmbedder", "atomic_write_bytes", "build_scorer", "cosine", "dnsmos", "dnsmos_available", "error_rate",
+           "evaluate", "is_cjk", "language_of", "load_plugin", "load_trained_llm", "normalize_text", "read_list",
+           "require_dnsmos", "row_key", "summarize", "to_16k", "use_llm_checkpoint", "write_csv"]

@@ -236,15 +236,7 @@ def _to16k(audio: np.ndarray, sr: int) -> np.ndarray:
     return np.clip(soxr.resample(np.asarray(audio, np.float32), sr, PERCEPTUAL_SR), -1.0, 1.0).astype(np.float32)
 
 
-def dnsmos(audio16k: np.ndarray) -> dict[str, float]:
-    """DNSMOS P.835 ``{dnsmos_ovrl, dnsmos_sig, dnsmos_bak}`` of one clip (speechmos's bundled ONNX
-    models; clips under 9 s are repeated to 9 s as DNSMOS does)."""
-    from speechmos import dnsmos as D
-
-    if audio16k.size < PERCEPTUAL_SR // 10:
-        return {"dnsmos_ovrl": None, "dnsmos_sig": None, "dnsmos_bak": None}
-    r = D.run(audio16k, sr=PERCEPTUAL_SR)
-    return {"dnsmos_ovrl": float(r["ovrl_mos"]), "dnsmos_sig": float(r["sig_mos"]), "dnsmos_bak": float(r["bak_mos"])}
+from cosyvoice2_jax.evaluation import dnsmos  # noqa: E402  (DNSMOS P.835, shared with the evaluation harness)
 
 
 @functools.lru_cache(maxsize=1)

@@ -39,8 +39,9 @@ def toy_loaded(tmp: Path, seed: int = 0, spk: bool = True) -> Loaded:
     cfg = ModelConfig.tiny()
     tok_dir = write_toy_qwen_tokenizer(Path(tmp) / "CosyVoice-BlankEN")
     params = {
-        "llm": llm_model.init_params(cfg.llm, jax.random.PRNGKey(seed)),
-        "flow": flow_model.init_params(cfg.flow, jax.random.PRNGKey(seed + 1)),
+        # numpy draws on the abstract trees: a flax init (eager, or jitted) compiles ~20 s of XLA programs
+        "llm": _fill(llm_model.abstract_params(cfg.llm), seed),
+        "flow": _fill(flow_model.abstract_params(cfg.flow), seed + 1),
         "hift": _fill(hift_params.abstract_params(cfg.hift), seed + 2),
         "tokenizer": _fill(tok_params.abstract_params(cfg.tokenizer), seed + 3),
         "speaker": _fill(spk_params.abstract_params(cfg.speaker), seed + 4),

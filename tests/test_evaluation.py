@@ -109,28 +109,103 @@ def test_scoring_existing_wavs(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp"))  # atomic writes leave no temp files
 
 
+def fake_asr():  # `--asr test_evaluation:fake_asr` (the CLI's plugin path)
+    class Echo:
+        def transcribe(self, wavs, language):
+            return ["good morning sir" if language == "en" else "早上"] * len(wavs)
+    return Echo()
+
+
+def fake_speaker():  # `--speaker test_evaluation:fake_speaker`
+    return FakeSpeaker()
+
+
+def test_eval_cli_scores_wavs_with_mos(tmp_path, capsys):
+    """`cosyvoice2-jax eval --wav-dir ... --mos` (plug-in ASR and speaker): the DNSMOS columns are in the
+    CSV (after sim) and finite in 1..5, their means in the summary; a clip too short to score is empty."""
+    import soundfile as sf
+
+    if not E.dnsmos_available():
+        pytest.skip("DNSMOS needs the 'perceptual' extra (speechmos, onnxruntime)")
+    t = np.arange(24000) / 16000  # 1.5 s: a voiced-like tone with a 3 Hz envelope
+    tone = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+    sf.write(tmp_path / "p.wav", tone, 16000)
+    (tmp_path / "syn").mkdir()
+    sf.write(tmp_path / "syn" / "a.wav", tone, 16000)
+    sf.write(tmp_path / "syn" / "b.wav", tone[:800], 16000)  # 0.05 s: no DNSMOS score
+    (tmp_path / "meta.lst").write_text("a|x|p.wav|Good morning, Sir.\nb|x|p.wav|早上好\n")
+    argv = ["eval", "--list", str(tmp_path / "meta.lst"), "--wav-dir", str(tmp_path / "syn"), "--out",
+            str(tmp_path / "out"), "--asr", "test_evaluation:fake_asr", "--speaker", "test_evaluation:fake_speaker",
+            "--no-progress", "--mos"]
+    assert cli.main(argv) == 0
+    rows = list(csv.DictReader((tmp_path / "out" / "results.csv").open()))
+    cols = list(rows[0])
+    assert cols[cols.index("sim") + 1: cols.index("sim") + 4] == list(E.MOS_COLUMNS)
+    assert all(1.0 <= float(rows[0][c]) <= 5.0 for c in E.MOS_COLUMNS)
+    assert all(rows[1][c] == "" for c in E.MOS_COLUMNS)
+    assert float(rows[0]["wer"]) == 0.0 and float(rows[1]["wer"]) == pytest.approx(1 / 3)
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["mos"] is True and s["dnsmos_ovrl"] == pytest.approx(float(rows[0]["dnsmos_ovrl"]))
+    assert s["by_lang"]["zh"]["dnsmos_ovrl"] is None and s["n"] == 2
+    # without --mos: no MOS columns
+    assert cli.main(argv[:-1] + ["--overwrite"]) == 0
+    assert "dnsmos_ovrl" not in (tmp_path / "out" / "results.csv").read_text().splitlines()[0]
+
+
+def test_mos_without_perceptual_extra_names_it(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "speechmos" else real(name, *a))
+    with pytest.raises(E.ConfigError, match=r"speechmos.*cosyvoice2-jax\[perceptual\]"):
+        E.dnsmos(np.zeros(16000, np.float32))
+    (tmp_path / "meta.lst").write_text(f"u1|p|{tmp_path / 'meta.lst'}|t\n")
+    assert cli.main(["eval", "--list", str(tmp_path / "meta.lst"), "--wav-dir", str(tmp_path), "--out",
+                     str(tmp_path / "o"), "--mos"]) == 2
+    assert "perceptual" in capsys.readouterr().err
+
+
+def test_make_preference_pairs_cli_errors(tmp_path, capsys):
+    """The script's command line (the end-to-end test below drives its library functions): bad
+    arguments give one line naming the option, before any model is loaded."""
+    mpp = load_script("make_preference_pairs")
+    base = ["--data-list", str(tmp_path / "data.list"), "--model-dir", str(tmp_path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="--num-candidates must be >= 2"):
+        mpp.main(base + ["--num-candidates", "1"])
+    with pytest.raises(SystemExit, match="data.list"):
+        mpp.main(base)
+
+
 # ------------------------------------------------------------------------------ end to end
-@pytest.mark.slow  # ~2-4 min on the 2-core CI machine (tiny release: LM, flow, HiFT, Whisper compiles)
-def test_preference_pairs_dpo_and_eval_before_after(tiny_release, tmp_path, prompt_wav):
-    """Acceptance: pairs from generated shards, 20 DPO steps, evaluation before/after (files, shapes)."""
+def test_preference_pairs_dpo_and_eval_before_after(tiny_release, tmp_path, prompt_wav, compiles):
+    """Acceptance: pairs from generated shards, 20 DPO steps, evaluation before/after (files, shapes).
+
+    Sized for CI (compiles dominate): 2 one-row shards, 2 candidates, a 1-layer Whisper, one model
+    instance for pairs and both evaluations, texts of 2 tokens (<= 40 speech tokens) and audio of
+    ~3 s (the prompt's length), so that pairs and evaluation share the LM decode, flow, HiFT,
+    Whisper and CAM++ programs; the resume and the second evaluation compile nothing (checked);
+    one DPO batch shape. The command-line wrappers of the three
+    steps are tested on their own (test_eval_cli_scores_wavs_with_mos, test_train*.py)."""
     import pyarrow.parquet as pq
-    import yaml
 
     from test_train_data import make_shards
-    from test_whisper import make_tiny_whisper
 
+    from cosyvoice2_jax.pipeline import CosyVoice2
     from cosyvoice2_jax.train import data as D
+    from cosyvoice2_jax.whisper import params as WP
 
     release, _ = tiny_release
-    wdir = make_tiny_whisper(tmp_path / "whisper")
+    wdir = WP.save_random_hf_dir(tmp_path / "whisper", 0, {**WP.TINY_HF_CONFIG, "encoder_layers": 1,
+                                                           "decoder_layers": 1, "max_target_positions": 16})
     data = tmp_path / "data"
     data.mkdir()
-    lst, rows = make_shards(data, n_rows=3, n_shards=2, seed=3)
+    lst, rows = make_shards(data, n_rows=2, n_shards=2, seed=3, texts=["Hello", "你好"], seconds=(3.0, 3.4))
     mpp = load_script("make_preference_pairs")
     out = tmp_path / "dpo"
-    argv = ["--data-list", str(lst), "--model-dir", str(release), "--whisper-dir", str(wdir), "--out", str(out),
-            "--num-candidates", "2", "--seed", "7", "--batch-rows", "2", "--no-progress"]
-    assert mpp.main(argv) == 0
+    tts = CosyVoice2.from_pretrained(release, sampling="ras", seed=7, cache=False)
+    scorer = E.build_scorer("whisper", "campplus", tts, whisper_dir=wdir, asr_batch=1)
+    stats = mpp.make_pairs(tts, scorer, D.read_data_list(lst), out, n_cand=2, seed=7, batch_rows=1, progress=False)
+    assert stats["shards_done"] == 2 and stats["rows"] == 2
     shards = D.read_data_list(out / "data.list")
     pairs = [r for s in shards for r in pq.read_table(s).to_pylist()]
     assert pairs and {r["utt"] for r in pairs} <= {r["utt"] for r in rows}
@@ -141,32 +216,39 @@ def test_preference_pairs_dpo_and_eval_before_after(tiny_release, tmp_path, prom
     # deterministic given the seed, and resumable: a removed shard is redone identically, others skipped
     first = {s.name: s.read_bytes() for s in shards}
     shards[0].unlink()
-    assert mpp.main(argv) == 0
+    compiles.mark()
+    stats = mpp.make_pairs(tts, scorer, D.read_data_list(lst), out, n_cand=2, seed=7, batch_rows=1, progress=False)
+    assert stats["shards_done"] == 1 and stats["shards_skipped"] == 1
     assert {s.name: s.read_bytes() for s in D.read_data_list(out / "data.list")} == first
+    assert compiles.since() == []  # same shapes as the first pass: nothing recompiled
 
-    # 20 DPO steps on the pairs (configs/train/dpo.yaml with tiny overrides)
+    # 20 DPO steps on the pairs (configs/train/dpo.yaml with tiny overrides; one token/text bucket)
     from cosyvoice2_jax.train.run import run
 
     over = [f"data.data_list={out / 'data.list'}", f"tokenizer_dir={release / 'CosyVoice-BlankEN'}",
             f"init_from={release}", "model=tiny", "train.steps=20", "train.save_every=20", "train.log_every=1",
             f"train.workdir={tmp_path / 'run'}", "train.async_save=false", "data.num_threads=1",
-            "data.max_frames_in_batch=1000", "train.mesh.data=1", "train.mesh.fsdp=1", "train.mesh.tensor=1"]
+            "data.min_length=0", "data.token_buckets=[64]", "data.text_buckets=[16]", "data.max_frames_in_batch=256",
+            "train.mesh.data=1", "train.mesh.fsdp=1", "train.mesh.tensor=1"]
     res = run("configs/train/dpo.yaml", over, progress=False)
     assert len(res["history"]) >= 1
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 20 and all(np.isfinite(m["loss"]) for m in metrics)
 
-    # evaluate before / after with the harness
+    # evaluate before / after with the harness (the same model instance; the trained LM swapped in)
     meta = tmp_path / "meta.lst"
-    meta.write_text(f"e1|{prompt_wav[1]}|{prompt_wav[0]}|Hello there.\ne2|{prompt_wav[1]}|{prompt_wav[0]}|你好\n")
-    common = ["eval", "--list", str(meta), "--model-dir", str(release), "--whisper-dir", str(wdir),
-              "--batch-size", "2", "--no-progress", "--save-wavs"]
-    assert cli.main(common + ["--out", str(tmp_path / "before")]) == 0
-    assert cli.main(common + ["--out", str(tmp_path / "after"), "--llm-checkpoint", str(tmp_path / "run")]) == 0
-    for d in ("before", "after"):
-        s = json.loads((tmp_path / d / "summary.json").read_text())
+    meta.write_text(f"e1|{prompt_wav[1]}|{prompt_wav[0]}|Hello\ne2|{prompt_wav[1]}|{prompt_wav[0]}|你好\n")
+    lrows = E.read_list(meta)
+    before = E.evaluate(tts, lrows, tmp_path / "before", scorer, seed=0, batch_size=2, save_wavs=True, progress=False)
+    E.use_llm_checkpoint(tts, tmp_path / "run")
+    compiles.mark()
+    after = E.evaluate(tts, lrows, tmp_path / "after", scorer, seed=0, batch_size=2, save_wavs=True, progress=False,
+                       meta={"llm_checkpoint": str(tmp_path / "run")})
+    assert not [c for c in compiles.since() if c in ("jit(_prefill)", "jit(_decode)")]  # trained LM: same programs
+    for d, s in (("before", before), ("after", after)):
+        assert json.loads((tmp_path / d / "summary.json").read_text()) == s
         assert s["n"] == 2 and set(s["by_lang"]) == {"en", "zh"} and -1 <= s["sim"] <= 1 and s["wer"] >= 0
         rows = list(csv.DictReader((tmp_path / d / "results.csv").open()))
         assert [r["utt"] for r in rows] == ["e1", "e2"] and all(float(r["seconds"]) > 0 for r in rows)
         assert all((tmp_path / d / "wavs" / f"{u}.wav").is_file() for u in ("e1", "e2"))
-    assert json.loads((tmp_path / "after" / "summary.json").read_text())["llm_checkpoint"] == str(tmp_path / "run")
+    assert after["llm_checkpoint"] == str(tmp_path / "run")

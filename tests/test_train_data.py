@@ -19,12 +19,14 @@ def _wav_bytes(wav, sr):
     return buf.getvalue()
 
 
-def make_shards(tmp_path, n_rows=14, n_shards=2, real=None, seed=0, reject=False):
-    """Write official-layout parquet shards + data.list; audio: real speech pieces and tones."""
+def make_shards(tmp_path, n_rows=14, n_shards=2, real=None, seed=0, reject=False, texts=None, seconds=(1.0, 5.0)):
+    """Write official-layout parquet shards + data.list; audio: real speech pieces and tones.
+    ``texts``: row i gets ``texts[i % len(texts)]`` (default: sentences in English and Chinese);
+    ``seconds``: the range of the audio durations."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n_rows):
-        dur = float(rng.uniform(1.0, 5.0))
+        dur = float(rng.uniform(*seconds))
         if real is not None and i % 2 == 0:
             src = real[i // 2 % len(real)]
             start = int(rng.integers(0, max(1, src.shape[0] - int(dur * 16000))))
@@ -37,7 +39,8 @@ def make_shards(tmp_path, n_rows=14, n_shards=2, real=None, seed=0, reject=False
         n_tok = int(dur * 25)
         row = {
             "utt": f"utt{i:03d}", "wav": f"/nowhere/utt{i:03d}.wav", "audio_data": _wav_bytes(wav.astype(np.float32), sr),
-            "text": "你好世界，这是第%d句话。" % i if i % 3 else f"Sentence number {i} is here.",
+            "text": (texts[i % len(texts)] if texts else
+                     "你好世界，这是第%d句话。" % i if i % 3 else f"Sentence number {i} is here."),
             "spk": f"spk{i % 3}", "utt_embedding": rng.standard_normal(192).astype(np.float32).tolist(),
             "spk_embedding": rng.standard_normal(192).astype(np.float32).tolist(),
             "speech_token": rng.integers(0, 6561, n_tok).tolist(),

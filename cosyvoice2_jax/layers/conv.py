@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array = jax.Array
@@ -68,7 +69,13 @@ def fold_weight_norm(params: Mapping[str, Any]) -> dict[str, Any]:
         elif k not in ("weight_g", "weight_v"):
             out[k] = v
     if "weight_g" in params and "weight_v" in params:
-        out["kernel"] = weight_norm_kernel(jnp.asarray(params["weight_g"]), jnp.asarray(params["weight_v"]))
+        g, v = params["weight_g"], params["weight_v"]
+        if isinstance(g, np.ndarray) and isinstance(v, np.ndarray):  # host params (conversion): numpy, no
+            axes = tuple(a for a in range(v.ndim) if g.shape[a] == 1)  # one XLA compile per conv shape
+            g32, v32 = g.astype(np.float32), v.astype(np.float32)
+            out["kernel"] = (g32 * v32 / np.sqrt(np.sum(v32 * v32, axis=axes, keepdims=True))).astype(v.dtype)
+        else:
+            out["kernel"] = weight_norm_kernel(jnp.asarray(g), jnp.asarray(v))
     return out
 
 

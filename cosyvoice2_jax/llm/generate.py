@@ -128,6 +128,14 @@ class LMGenerator:
         self.prefill = jax.jit(self._prefill, static_argnums=(0,))
         self.decode = jax.jit(self._decode, static_argnums=(0,), donate_argnums=(2,))
 
+    def set_params(self, params) -> None:
+        """Swap in params of the same shapes (e.g. a fine-tuned LM), placed as ``__init__`` places them,
+        so the compiled programs are reused (arrays restored from a training mesh would otherwise carry
+        that mesh's sharding and recompile every program)."""
+        params = jax.device_get(params)
+        self.params = (sharding.place_replicated(params, self.mesh) if self.mesh is not None
+                       else jax.device_put(params))
+
     # ------------------------------------------------------------------ traced functions
     def _apply(self, params, *args, method):
         return self.model.apply({"params": params}, *args, method=method)

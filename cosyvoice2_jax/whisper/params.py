@@ -152,9 +152,16 @@ def write_byte_tokenizer(out: str | Path, generation: dict = TINY_GENERATION) ->
 
 def save_random_hf_dir(out: str | Path, seed: int = 0, hf_config: dict = TINY_HF_CONFIG) -> Path:
     """A random-weight Whisper HF directory (config, safetensors, byte tokenizer): the harness's code
-    path on a tiny model (2 s window); its transcripts are meaningless."""
+    path on a tiny model (2 s window); its transcripts are meaningless. Weights:
+    :func:`~cosyvoice2_jax.params_util.redraw` (variance-preserving, numpy, deterministic in ``seed``)."""
+    import jax.numpy as jnp
+
+    from ..params_util import redraw
+
     cfg = WhisperConfig.from_hf(hf_config)
-    save_hf_dir(init_params(cfg, jax.random.PRNGKey(seed)), cfg, out)
+    mel = jnp.zeros((1, cfg.n_frames, cfg.num_mel_bins), jnp.float32)
+    shapes = jax.eval_shape(lambda: Whisper(cfg).init(jax.random.PRNGKey(0), mel, jnp.zeros((1, 1), jnp.int32))["params"])
+    save_hf_dir(redraw(shapes, seed), cfg, out)  # numpy draws: no XLA compile of the init
     (Path(out) / "config.json").write_text(json.dumps({**cfg.to_hf(), **hf_config}, indent=1))
     write_byte_tokenizer(out)
     return Path(out)
