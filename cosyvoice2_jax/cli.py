@@ -224,14 +224,20 @@ def _outputs(args, texts: list[tuple[int, str]]) -> list[Path]:
 def enable_compilation_cache(path: Path | None = None) -> None:
     """JAX's persistent compilation cache in ``path`` (default ``<cache root>/xla``) for *every*
     program: no minimum compile time or size (the default 1 s minimum left the many sub-second
-    programs of a tiny model, and the small eager ones, to be recompiled by every process)."""
+    programs of a tiny model, and the small eager ones, to be recompiled by every process); and the
+    traced (exported) programs of the model's entry points in ``<path>-programs``
+    (:mod:`cosyvoice2_jax.aot`), so a later process skips tracing and lowering the model code."""
     import jax
 
     from .pipeline.loading import cache_root
 
-    jax.config.update("jax_compilation_cache_dir", str(path or cache_root() / "xla"))
+    from . import aot
+
+    path = Path(path or cache_root() / "xla")
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    aot.enable(path.parent / (path.name + "-programs"))  # traced programs too: a new process skips tracing
 
 
 def cmd_synth(args) -> int:

@@ -87,6 +87,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import aot
 from ..config import FlowConfig
 from ..errors import ConfigError
 from ..layers.attention import KV, Window
@@ -152,7 +153,7 @@ class FlowStreamState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- one chunk
-@functools.partial(jax.jit, static_argnames=("cfg", "W", "key_block", "structure"), donate_argnames=("caches",))
+@aot.jit(name="flow_stream_chunk", static_argnames=("cfg", "W", "key_block", "structure"), donate_argnames=("caches",))
 def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_total, *,
            cfg: FlowConfig, W: int, key_block: int, structure: tuple):
     """Encoder + CFM solve on the token window ``[C, C+W)`` -> ``(caches, mel (r W, n_mels))``.
@@ -188,14 +189,14 @@ def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_tot
     return caches._replace(enc=enc, dec=dec), x[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tokens"))
+@aot.jit(name="flow_stream_pos_tables", static_argnames=("cfg", "tokens"))
 def _pos_tables(params, *, cfg: FlowConfig, tokens: int):
     """Projected relative-position tables of every encoder attention layer (param-only, once)."""
     model = CausalMaskedDiffWithXvec(cfg)
     return model.apply({"params": params}, tokens, method=model.pos_tables)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@aot.jit(name="flow_stream_speaker", static_argnames=("cfg",))
 def _speaker(params, embedding, *, cfg: FlowConfig):
     model = CausalMaskedDiffWithXvec(cfg)
     return model.apply({"params": params}, embedding, method=model.embed_speaker)
