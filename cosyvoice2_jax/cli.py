@@ -403,7 +403,10 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. ``command``: the subcommand about to run (``main`` peeks at argv) - other
+    subcommands then leave out the options whose definitions import JAX (the synth flow-sampler
+    flags), so ``--help``, ``config`` and ``normalize`` start without importing JAX."""
     parser = argparse.ArgumentParser(prog="cosyvoice2-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -447,9 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the caches (converted model, compiled XLA programs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    from .flow.sampling import add_cli_arguments
+    if command in (None, "synth"):
+        from .flow.sampling import add_cli_arguments  # imports jax
 
-    add_cli_arguments(p)
+        add_cli_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     _serve_parser(sub)
@@ -523,7 +527,9 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
