@@ -12,12 +12,13 @@ names a folder, the first call of each signature exports the program with :mod:`
 renamed into place); a later process deserializes it and calls it, so no Python model code runs.
 The compiled executable then comes from the persistent compilation cache as before.
 
-The file name hashes everything the program depends on: the entry point's name, a fingerprint of
+The file name (``<name>-<code fingerprint>-<key>``) hashes everything the program depends on: the entry point's name, a fingerprint of
 this package's source files (any code change invalidates every file), the jax/jaxlib versions,
 the backend and device kind, the JAX flags that change lowering (x64, default matmul precision),
 the static arguments (their ``repr``), a ``context`` the caller passes for state its function
 closes over (configs, sampling mode), the argument tree structure and every leaf's shape, dtype
-and weak type. A file that cannot be read, or whose recorded input types differ, is re-exported.
+and weak type. A file that cannot be read, or whose recorded input types differ, is re-exported;
+writing a program removes that entry point's files from other code versions.
 
 Not cached (plain ``jax.jit``): while :func:`enable` has not been called (the default; tests and
 library use are unchanged), for arguments sharded over several devices (meshes keep the jit path),
@@ -137,7 +138,8 @@ class ExportedJit:
         return jax.tree.unflatten(out_tree, call(*leaves))
 
     def _load_or_export(self, key, statics, dyn_names, treedefs, per_arg, avals):
-        path = _dir / f"{self.name}-{key[:32]}{SUFFIX}"
+        code = code_fingerprint()[:12]
+        path = _dir / f"{self.name}-{code}-{key[:32]}{SUFFIX}"
         exp = out_tree = None
         if path.is_file():
             try:
@@ -161,6 +163,9 @@ class ExportedJit:
             exp = jax.export.export(jax.jit(flat))(*avals)
             out_tree = holder["tree"]
             _write_atomic(path, pickle.dumps({"exported": bytes(exp.serialize()), "out_tree": out_tree}))
+            for stale in _dir.glob(f"{self.name}-*{SUFFIX}"):  # programs of other code versions
+                if stale.name.count("-") == path.name.count("-") and stale.name.split("-")[-2] != code:
+                    stale.unlink(missing_ok=True)
         donate, i = [], 0
         for name, (arg_leaves, _) in zip(dyn_names, per_arg):
             if name in self._donate:

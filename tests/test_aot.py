@@ -72,9 +72,10 @@ def test_context_and_code_are_in_the_key_and_bad_files_are_replaced(cache_dir, m
         f.write_bytes(b"truncated")  # an unreadable file is exported again, not an error
     out = aot.jit(make(traces), name="g", static_argnames="n", context=("cfg", 1))(params, Pair(0.0, 1.0), x, n=2)
     assert traces == [2, 2, 2] and out[1].shape == (5, 3)
-    monkeypatch.setattr(aot, "_environment", lambda: "another code version")
+    monkeypatch.setattr(aot, "code_fingerprint", lambda: "0123456789abcdef")  # the code changed
     aot.jit(make(traces), name="g", static_argnames="n", context=("cfg", 1))(params, Pair(0.0, 1.0), x, n=2)
-    assert traces == [2, 2, 2, 2] and len(list(cache_dir.glob("g-*.jaxexp"))) == 3
+    assert traces == [2, 2, 2, 2]
+    assert [f.name.split("-")[1] for f in cache_dir.glob("g-*.jaxexp")] == ["0123456789ab"]  # old ones pruned
     assert not list(cache_dir.glob("*.partial"))
 
 
