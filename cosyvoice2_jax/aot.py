@@ -22,8 +22,8 @@ writing a program removes that entry point's files from other code versions.
 
 Not cached (plain ``jax.jit``): while :func:`enable` has not been called (the default; tests and
 library use are unchanged), for arguments sharded over several devices (meshes keep the jit path),
-inside another trace, or when a static argument or the context has no stable ``repr`` (one that
-prints an object address). The cached program is the same StableHLO the jit path compiles, so
+inside another trace, for typed PRNG key arguments, when a static argument or the context has no
+stable ``repr`` (one that prints an object address), or when exporting fails (logged once). The cached program is the same StableHLO the jit path compiles, so
 outputs are the same.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ class ExportedJit:
 
     def _cache_size(self) -> int:
         """Distinct programs this entry point holds (jit path + cached-program path)."""
-        return self._jit._cache_size() + len(self._calls)
+        return self._jit._cache_size() + sum(call is not None for call, _ in self._calls.values())
 
     def __call__(self, *args, **kwargs):
         if _dir is None:
@@ -125,16 +125,26 @@ class ExportedJit:
         static_repr, context_repr = _stable_repr(sorted(statics.items())), _stable_repr(self.context)
         if static_repr is None or context_repr is None:
             return self._jit(*args, **kwargs)
+        types = [jax.typeof(leaf) for leaf in leaves]
+        if any(jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended) for a in types):  # typed PRNG keys
+            return self._jit(*args, **kwargs)
         avals = [jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype), weak_type=a.weak_type)
-                 for a in map(jax.typeof, leaves)]
+                 for a in types]
         treedefs = [td for _, td in per_arg]
         key = hashlib.sha256(repr((self.name, _environment(), context_repr, static_repr, dyn_names,
                                    [str(td) for td in treedefs],
                                    [(a.shape, str(a.dtype), a.weak_type) for a in avals])).encode()).hexdigest()
         hit = self._calls.get(key)
         if hit is None:
-            hit = self._calls[key] = self._load_or_export(key, statics, dyn_names, treedefs, per_arg, avals)
+            try:
+                hit = self._load_or_export(key, statics, dyn_names, treedefs, per_arg, avals)
+            except Exception as e:  # e.g. an op jax.export cannot serialize: this signature keeps the jit path
+                log.warning("%s: program not cached (%s: %s)", self.name, type(e).__name__, e)
+                hit = (None, None)
+            self._calls[key] = hit
         call, out_tree = hit
+        if call is None:
+            return self._jit(*args, **kwargs)
         return jax.tree.unflatten(out_tree, call(*leaves))
 
     def _load_or_export(self, key, statics, dyn_names, treedefs, per_arg, avals):

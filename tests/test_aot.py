@@ -94,3 +94,13 @@ def test_off_by_default_and_unstable_statics_use_plain_jit(tmp_path):
         assert not list(tmp_path.glob("k-*"))
     finally:
         aot.enable(None)
+
+
+def test_programs_export_cannot_serialize_keep_the_jit_path(cache_dir):
+    def host_sq(x):  # a host callback: jax.export refuses to serialize it
+        return jax.pure_callback(lambda v: np.asarray(v) ** 2, jax.ShapeDtypeStruct(x.shape, x.dtype), x)
+
+    f = aot.jit(host_sq, name="cb")
+    np.testing.assert_array_equal(f(jnp.arange(3.0)), [0.0, 1.0, 4.0])
+    np.testing.assert_array_equal(f(jnp.arange(3.0)), [0.0, 1.0, 4.0])
+    assert not list(cache_dir.glob("cb-*")) and f._cache_size() == 1
