@@ -224,14 +224,20 @@ def _outputs(args, texts: list[tuple[int, str]]) -> list[Path]:
 def enable_compilation_cache(path: Path | None = None) -> None:
     """JAX's persistent compilation cache in ``path`` (default ``<cache root>/xla``) for *every*
     program: no minimum compile time or size (the default 1 s minimum left the many sub-second
-    programs of a tiny model, and the small eager ones, to be recompiled by every process)."""
+    programs of a tiny model, and the small eager ones, to be recompiled by every process); and the
+    traced (exported) programs of the model's entry points in ``<path>-programs``
+    (:mod:`cosyvoice2_jax.aot`), so a later process skips tracing and lowering the model code."""
     import jax
 
     from .pipeline.loading import cache_root
 
-    jax.config.update("jax_compilation_cache_dir", str(path or cache_root() / "xla"))
+    from . import aot
+
+    path = Path(path or cache_root() / "xla")
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    aot.enable(path.parent / (path.name + "-programs"))  # traced programs too: a new process skips tracing
 
 
 def cmd_synth(args) -> int:
@@ -403,7 +409,10 @@ def _serve_parser(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. ``command``: the subcommand about to run (``main`` peeks at argv) - other
+    subcommands then leave out the options whose definitions import JAX (the synth flow-sampler
+    flags), so ``--help``, ``config`` and ``normalize`` start without importing JAX."""
     parser = argparse.ArgumentParser(prog="cosyvoice2-jax", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -447,9 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true",
                    help="do not read or write the caches (converted model, compiled XLA programs)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    from .flow.sampling import add_cli_arguments
+    if command in (None, "synth"):
+        from .flow.sampling import add_cli_arguments  # imports jax
 
-    add_cli_arguments(p)
+        add_cli_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     _serve_parser(sub)
@@ -523,7 +533,9 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -16,6 +16,26 @@ def test_help_and_config(capsys):
     assert "inference_cfg_rate: 0.5" in out
 
 
+def test_help_starts_without_jax():
+    """``--help`` imports neither JAX nor flax (fast start), ``config`` not flax; synth's help still
+    lists the flow-sampler flags."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import contextlib, io, sys\nfrom cosyvoice2_jax import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try:\n        cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "    print('jax' in sys.modules, 'flax' in sys.modules, file=sys.stderr)\n"
+            "    cli.main(['config', '--preset', 'tiny'])\n"
+            "print('flax' in sys.modules, file=sys.stderr)")
+    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).resolve().parent.parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
+    assert out.split() == ["False", "False", "False"]
+    assert "--flow-steps" in cli.build_parser("synth")._subparsers._group_actions[0].choices["synth"].format_help()
+
+
 def test_features_command(tmp_path, capsys):
     rng = np.random.default_rng(0)
     wav = (rng.standard_normal(48000) * 0.1).astype(np.float32)

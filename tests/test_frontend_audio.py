@@ -238,3 +238,21 @@ def test_prompt_audio_inputs_and_limits(tmp_path):
     assert prompt_audio(np.tile(speechlike(16000, 1.0), 31), "source").seconds == 31.0  # vc source: no limit
     with pytest.raises(AudioError, match="bare array must be mono 16 kHz"):
         prompt_audio(np.zeros((2, 3, 4)))
+
+
+def test_shipped_mel_filters_equal_librosa():
+    """data/mel_filters.npz (read instead of importing librosa at start-up) holds librosa's banks."""
+    import librosa
+
+    from cosyvoice2_jax.frontend import audio
+
+    with np.load(audio.MEL_FILTERS) as shipped:
+        assert sorted(shipped.files) == ["16000_400_128_0.0_None", "24000_1920_80_0.0_8000.0"]
+        for name in shipped.files:
+            sr, n_fft, n_mels, fmin, fmax = name.split("_")
+            ref = librosa.filters.mel(sr=int(sr), n_fft=int(n_fft), n_mels=int(n_mels), fmin=float(fmin),
+                                      fmax=None if fmax == "None" else float(fmax)).astype(np.float64)
+            np.testing.assert_array_equal(shipped[name], ref)
+    audio._librosa_mel.cache_clear()
+    np.testing.assert_array_equal(audio._librosa_mel(16000, 400, 128, 0.0, None),
+                                  librosa.filters.mel(sr=16000, n_fft=400, n_mels=128).astype(np.float64))

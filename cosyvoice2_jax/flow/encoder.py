@@ -194,15 +194,16 @@ class UpsampleConformerEncoder(nn.Module):
         return self.after_norm(x), valid_up
 
     # ---- streaming
-    def pos_tables(self, tokens: int) -> dict[str, Array]:
+    def pos_tables(self, tokens: int, tables: dict[str, Array] | None = None) -> dict[str, Array]:
         """``linear_pos`` of the relative-position tables for ``tokens`` positions (and the
         upsampled frames), per attention layer: ``{"encoders_i": (2T-1, H, dk), "up_encoders_i": ...}``.
-        Param-only: compute once per capacity and pass to :meth:`stream`."""
+        Param-only: compute once per capacity and pass to :meth:`stream`. ``tables``: the sinusoid
+        tables (:func:`rel_pos_inputs`) as arguments, so a jitted caller holds no 36 MB constants."""
         c = self.cfg
+        tables = rel_pos_inputs(c, tokens) if tables is None else tables
         out = {}
-        for name, layers, n in (("encoders", self.encoders, tokens),
-                                ("up_encoders", self.up_encoders, tokens * c.upsample_stride)):
-            table = espnet_rel_pos_emb(n, c.output_size)
+        for name, layers in (("encoders", self.encoders), ("up_encoders", self.up_encoders)):
+            table = tables[name]
             for i, layer in enumerate(layers):
                 out[f"{name}_{i}"] = layer.self_attn.project_pos(table).astype(jnp.float32)
         return out
@@ -248,3 +249,10 @@ def init_encoder_cache(c: FlowEncoderConfig, batch: int, tokens: int, dtype=jnp.
     cache.update({f"encoders_{i}": kv(tokens) for i in range(c.num_blocks)})
     cache.update({f"up_encoders_{i}": kv(s * tokens) for i in range(c.num_up_blocks)})
     return cache
+
+
+def rel_pos_inputs(cfg, tokens: int) -> dict[str, Array]:
+    """The sinusoid relative-position tables of :meth:`pos_tables` for ``tokens`` token positions
+    (``encoders``) and their upsampled frames (``up_encoders``); ``cfg``: the encoder config."""
+    return {"encoders": espnet_rel_pos_emb(tokens, cfg.output_size),
+            "up_encoders": espnet_rel_pos_emb(tokens * cfg.upsample_stride, cfg.output_size)}

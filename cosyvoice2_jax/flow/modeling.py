@@ -137,8 +137,8 @@ class CausalMaskedDiffWithXvec(nn.Module):
         h, cache = self.encoder.stream(x, readable, cache, pos_tables, window)
         return self.encoder_proj(h).astype(jnp.float32), cache
 
-    def pos_tables(self, tokens: int) -> dict:
-        return self.encoder.pos_tables(tokens)
+    def pos_tables(self, tokens: int, tables: dict | None = None) -> dict:
+        return self.encoder.pos_tables(tokens, tables)
 
     def time_embedding(self, t, extra=None):
         """``t (B,)`` (+ the student's ``extra`` inputs) -> the estimator's time embedding."""

@@ -87,13 +87,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from .. import aot
 from ..config import FlowConfig
 from ..errors import ConfigError
 from ..layers.attention import KV, Window
 from . import cfm as cfm_lib
 from . import sampling
 from .decoder import init_decoder_cache
-from .encoder import init_encoder_cache
+from .encoder import init_encoder_cache, rel_pos_inputs
 from . import modeling as flow_model
 from .modeling import CausalMaskedDiffWithXvec, compute_dtype, resolve_sampler, student_extra
 
@@ -152,7 +153,7 @@ class FlowStreamState(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- one chunk
-@functools.partial(jax.jit, static_argnames=("cfg", "W", "key_block", "structure"), donate_argnames=("caches",))
+@aot.jit(name="flow_stream_chunk", static_argnames=("cfg", "W", "key_block", "structure"), donate_argnames=("caches",))
 def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_total, *,
            cfg: FlowConfig, W: int, key_block: int, structure: tuple):
     """Encoder + CFM solve on the token window ``[C, C+W)`` -> ``(caches, mel (r W, n_mels))``.
@@ -188,14 +189,15 @@ def _chunk(params, tables, noise, arrays, caches: StreamCaches, ids, C, E, n_tot
     return caches._replace(enc=enc, dec=dec), x[0]
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tokens"))
-def _pos_tables(params, *, cfg: FlowConfig, tokens: int):
-    """Projected relative-position tables of every encoder attention layer (param-only, once)."""
+@aot.jit(name="flow_stream_pos_tables", static_argnames=("cfg", "tokens"))
+def _pos_tables(params, tables, *, cfg: FlowConfig, tokens: int):
+    """Projected relative-position tables of every encoder attention layer (param-only, once);
+    ``tables``: :func:`encoder.rel_pos_inputs` (arguments, not constants of the program)."""
     model = CausalMaskedDiffWithXvec(cfg)
-    return model.apply({"params": params}, tokens, method=model.pos_tables)
+    return model.apply({"params": params}, tokens, tables, method=model.pos_tables)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+@aot.jit(name="flow_stream_speaker", static_argnames=("cfg",))
 def _speaker(params, embedding, *, cfg: FlowConfig):
     model = CausalMaskedDiffWithXvec(cfg)
     return model.apply({"params": params}, embedding, method=model.embed_speaker)
@@ -294,7 +296,7 @@ class FlowStreamer:
                 raise ConfigError(f"noise array must be (>= max_frames={max_frames}, {cfg.output_size}), "
                                   f"got {noise.shape}")
             self.noise = noise[:max_frames]
-        self.tables = _pos_tables(params, cfg=cfg, tokens=self.cap_t)
+        self.tables = _pos_tables(params, rel_pos_inputs(cfg.encoder, self.cap_t), cfg=cfg, tokens=self.cap_t)
 
     # ---- helpers
     def _zero_caches(self, spk: Array, cond: Array, frames: int) -> StreamCaches:

@@ -169,8 +169,18 @@ def _hann(n: int, periodic: bool = True) -> np.ndarray:
     return 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(n) / m)
 
 
+MEL_FILTERS = Path(__file__).resolve().parent.parent / "data" / "mel_filters.npz"
+
+
 @functools.lru_cache(maxsize=8)
 def _librosa_mel(sr: int, n_fft: int, n_mels: int, fmin: float, fmax: float | None) -> np.ndarray:
+    """``librosa.filters.mel`` (slaney) as float64. The banks synthesis uses (flow prompt mel, S3Tokenizer
+    mel) ship in ``data/mel_filters.npz`` (librosa's values, checked in tests/test_frontend_audio.py):
+    importing librosa costs ~1.6 s of CPU at start-up."""
+    name = f"{sr}_{n_fft}_{n_mels}_{float(fmin)}_{None if fmax is None else float(fmax)}"
+    with np.load(MEL_FILTERS) as shipped:
+        if name in shipped.files:
+            return shipped[name]
     import librosa
 
     return librosa.filters.mel(sr=sr, n_fft=n_fft, n_mels=n_mels, fmin=fmin, fmax=fmax).astype(np.float64)

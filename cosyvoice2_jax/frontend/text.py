@@ -173,6 +173,8 @@ def remove_bracket(text: str) -> str:
 def spell_out_number(text: str, to_words: Callable[[str], str] | None = None) -> str:
     """Replace each run of digit characters by its English words (inflect)."""
     if to_words is None:
+        if not any(c.isdigit() for c in text):  # no engine (its import costs ~2 s of CPU) without digits
+            return text
         to_words = _inflect_engine().number_to_words
     out, start = [], None
     for i, c in enumerate(text):

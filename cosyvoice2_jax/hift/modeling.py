@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import aot
 from ..config import F0PredictorConfig, HiFTConfig
 from ..errors import AudioError, ConfigError
 from ..layers.conv import Conv1d, ConvTranspose1d
@@ -491,7 +492,7 @@ def make_inference_fn(cfg: HiFTConfig, *, fast_snake: bool = True):
     """
     model = HiFTGenerator(cfg, fast_snake=fast_snake)
 
-    @jax.jit
+    @aot.jit(name="hift_run", context=(cfg, fast_snake))
     def run(params, mel, key, lengths=None, cache_source=None, noise=None):
         if noise is None:
             noise = source_noise(key, mel.shape[0], mel.shape[1], cfg)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import sharding
+from .. import aot, sharding
 from ..config import LLMConfig
 from ..errors import CosyVoiceError
 from . import sampling as S
@@ -125,8 +125,11 @@ class LMGenerator:
             self.batch_bucket = batch_bucket * n // np.gcd(batch_bucket, n)
             self.params = sharding.place_replicated(params, mesh)
         self.dtype = compute_dtype(cfg.dtype)
-        self.prefill = jax.jit(self._prefill, static_argnums=(0,))
-        self.decode = jax.jit(self._decode, static_argnums=(0,), donate_argnums=(2,))
+        # everything the traced functions read from self (the program cache's key; aot.py)
+        context = (cfg, sampling, quant, str(self.dtype), max_trials, text_bucket, speech_bucket, cache_bucket,
+                   self.batch_bucket, mesh is None)
+        self.prefill = aot.jit(self._prefill, name="lm_prefill", static_argnums=(0,), context=context)
+        self.decode = aot.jit(self._decode, name="lm_decode", static_argnums=(0,), donate_argnums=(2,), context=context)
 
     def set_params(self, params) -> None:
         """Swap in params of the same shapes (e.g. a fine-tuned LM), placed as ``__init__`` places them,

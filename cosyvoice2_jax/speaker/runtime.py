@@ -6,6 +6,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from .. import aot
 from ..buckets import round_up, split_pow2
 from ..config import SpeakerConfig
 from ..errors import AudioError
@@ -28,7 +29,8 @@ class SpeakerEncoder:
         self.frame_bucket = frame_bucket
         self.max_batch = max_batch
         self.model = CAMPPlus(config)
-        self._fn = jax.jit(lambda p, f, l: self.model.apply({"params": p}, f, l))
+        self._fn = aot.jit(lambda p, f, l: self.model.apply({"params": p}, f, l), name="speaker_encoder",
+                           context=config)
 
     def embed(self, feats: Sequence[np.ndarray]) -> np.ndarray:
         feats = [np.asarray(f, np.float32) for f in feats]

@@ -6,6 +6,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from .. import aot
 from ..buckets import round_up, split_pow2
 from ..config import TokenizerConfig
 from ..errors import AudioError
@@ -35,7 +36,8 @@ class SpeechTokenizer:
         self.frame_bucket = frame_bucket
         self.max_batch = max_batch
         self.model = S3TokenizerV2(config)
-        self._fn = jax.jit(lambda p, m, l: self.model.apply({"params": p}, m, l, method="features"))
+        self._fn = aot.jit(lambda p, m, l: self.model.apply({"params": p}, m, l, method="features"),
+                           name="speech_tokenizer", context=config)
 
     # windows ------------------------------------------------------------------------------
     def _windows(self, n_frames: int) -> list[tuple[int, int]]:
