@@ -81,13 +81,15 @@ CASES = [("zero_shot", dict(prompt_text="This is the prompt transcript.")),
 
 # CI budget: cross_lingual and instruct2 stream through the token2wav path of zero_shot (a speech prompt;
 # sft streams without one, vc without the LM) and their LM prompts are checked offline: those two
-# stream cases run with -m slow.
+# stream cases run with -m slow. Offline, zero_shot is cross_lingual's token2wav path (a speech prompt) with the
+# prompt text that zero_shot-stream checks in its LM prompt: it runs with -m slow as well.
 DUPLICATE_STREAM = ("cross_lingual", "instruct2")
+DUPLICATE_OFFLINE = ("zero_shot",)
 
 
 @pytest.mark.parametrize("mode,kw,stream", [
     pytest.param(m, kw, st, id=f"{m}-{'stream' if st else 'offline'}",
-                 marks=[pytest.mark.slow] if st and m in DUPLICATE_STREAM else [])
+                 marks=[pytest.mark.slow] if m in (DUPLICATE_STREAM if st else DUPLICATE_OFFLINE) else [])
     for st in (False, True) for m, kw in CASES])
 def test_matches_official(tts, release, oracle, wavs, mode, kw, stream):
     kw = dict(kw)
