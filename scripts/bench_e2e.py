@@ -76,7 +76,8 @@ def _timed(gen) -> list[float]:
     return times
 
 
-def _load_ours(model_dir: Path, noise: np.ndarray):
+def _load_ours(model_dir: Path, noise: np.ndarray, **streaming):
+    """Our pipeline as both benchmarks load it; ``streaming``: extra ``StreamingConfig`` fields."""
     from cosyvoice2_jax.config import StreamingConfig
     from cosyvoice2_jax.pipeline.model import CosyVoice2
 
@@ -84,7 +85,8 @@ def _load_ours(model_dir: Path, noise: np.ndarray):
         return np.broadcast_to(noise[:samples][None], (batch, samples, 9))
 
     return CosyVoice2.from_pretrained(model_dir, sampling="greedy", hift_noise=noise_fn,
-                                      streaming=StreamingConfig(stream_scale_factor=1), use_wetext=False)
+                                      streaming=StreamingConfig(stream_scale_factor=1, **streaming),
+                                      use_wetext=False)
 
 
 def _ours_call(tts, mode: str, text: str, prompt, source, stream: bool, spk_id: str):
