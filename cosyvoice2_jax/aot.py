@@ -97,8 +97,12 @@ class ExportedJit:
         one = lambda v: (v,) if isinstance(v, (str, int)) else tuple(v)  # noqa: E731 (jax.jit's forms)
         static_argnums, static_argnames = one(static_argnums), one(static_argnames)
         donate_argnums, donate_argnames = one(donate_argnums), one(donate_argnames)
-        self._jit = jax.jit(fun, static_argnums=tuple(static_argnums), static_argnames=tuple(static_argnames),
-                            donate_argnums=tuple(donate_argnums), donate_argnames=tuple(donate_argnames))
+        # only the forms given: jax.jit takes explicit empty argnums as "none by position" and then
+        # does not map argnames to positions (a positional donated argument would not be donated)
+        given = {k: tuple(v) for k, v in (("static_argnums", static_argnums), ("static_argnames", static_argnames),
+                                           ("donate_argnums", donate_argnums), ("donate_argnames", donate_argnames))
+                 if v}
+        self._jit = jax.jit(fun, **given)
         self._sig = inspect.signature(fun)
         names = list(self._sig.parameters)
         self._static = set(static_argnames) | {names[i] for i in static_argnums}
