@@ -12,6 +12,7 @@ shows how far it got.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import resource
 import sys
@@ -39,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default="Hello there, this is a streaming synthesis benchmark.")
     ap.add_argument("--flow-cache-dtype", choices=["float32", "bfloat16"], help="StreamingConfig.flow_cache_dtype")
     ap.add_argument("--flow-cache-budget-mb", type=float, help="StreamingConfig.flow_cache_budget_mb (recompute past it)")
+    ap.add_argument("--malloc-trim", action="store_true",
+                    help="also report RSS after glibc malloc_trim(0) at every event (memory freed but kept by malloc)")
     args = ap.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in B.MODES]
@@ -48,8 +51,11 @@ def main(argv=None) -> int:
 
     def log(event: str, **kw) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"t_s": round(time.perf_counter() - t0, 1), "rss_mb": round(_rss_mb()),
-                          "peak_mb": round(peak), "event": event, **kw}), flush=True)
+        line = {"t_s": round(time.perf_counter() - t0, 1), "rss_mb": round(_rss_mb()), "peak_mb": round(peak)}
+        if args.malloc_trim:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            line["rss_trimmed_mb"] = round(_rss_mb())
+        print(json.dumps({**line, "event": event, **kw}), flush=True)
 
     noise = B._noise(max(args.source_seconds, 40.0))  # HiFT source noise for outputs up to a minute
     prompt, vc_source = B._speechlike(3.0, 0), B._speechlike(3.0, 7)

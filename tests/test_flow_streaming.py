@@ -64,7 +64,12 @@ def run_stream(fs, inp, pushes, with_state=False):
     st = fs.start(inp["prompt_token"], inp["prompt_feat"], inp["embedding"])
     fed, mels = 0, []
     for n, fin in pushes:
+        old = st.caches
         st, mel = fs.push(st, inp["token"][fed: fed + n], fin)
+        if old is not None and st.caches is not None and st.caches is not old:
+            # a push consumes its caches (donated to the chunk program; when they grow, each old
+            # array is deleted once copied): nothing of the old tier stays alive
+            assert all(x.is_deleted() for x in jax.tree.leaves(old)[2:]), "old stream caches still alive"
         fed += n
         mels.append(mel)
     return (mels, st) if with_state else mels
@@ -237,7 +242,10 @@ def test_memory_budget_falls_back_to_recompute(params):
     assert fs.peak_cache_bytes(17, 220) == probe.cache_bytes(400)
     assert probe.peak_cache_bytes(17, 220) == probe.cache_bytes(800)  # (no tiers: max_frames from the start)
     grow = FlowStreamer(params, CFG, max_frames=800, initial_frames=400, key_block=200)
-    assert grow.peak_cache_bytes(17, 220) == probe.cache_bytes(400) + probe.cache_bytes(800)
+    # growing 400 -> 800 holds the new tier and one array of the old (each is deleted once copied)
+    largest_400 = max(x.nbytes for x in jax.tree.leaves(FlowStreamer(params, CFG, max_frames=400, key_block=200).start(
+        inp["prompt_token"], inp["prompt_feat"], inp["embedding"]).caches))
+    assert grow.peak_cache_bytes(17, 220) == probe.cache_bytes(800) + largest_400
     assert_chunks_equal(got, recompute(params, inp, pushes), "budget fallback")
     # a budget below the first tier: recompute from the start (no caches allocated)
     tiny = FlowStreamer(params, CFG, max_frames=800, initial_frames="request", key_block=200, memory_budget_bytes=0)

@@ -340,15 +340,21 @@ class FlowStreamer:
         return out
 
     def peak_cache_bytes(self, n_prompt: int, n_tokens: int) -> int:
-        """Most cache bytes such a stream holds at once: while a push grows the caches the old and
-        the new tier coexist; past ``memory_budget_bytes`` the caches are dropped (recompute path)."""
+        """Most cache bytes such a stream holds at once: while a push grows the caches the new tier
+        and one array of the old tier coexist (:meth:`_grow`); past ``memory_budget_bytes`` the
+        caches are dropped (recompute path)."""
         peak, prev = 0, 0
         for frames in self.tiers(n_prompt, n_tokens):
             if not self._within_budget(frames):
                 break
             b = self.cache_bytes(frames)
-            peak, prev = max(peak, b + prev), b
+            peak, prev = max(peak, b + prev), self._largest_cache_array(frames)
         return peak
+
+    def _largest_cache_array(self, frames: int) -> int:
+        shapes = jax.eval_shape(lambda: self._zero_caches(jnp.zeros((self.cfg.output_size,)),
+                                                          jnp.zeros((self.max_frames, self.cfg.output_size)), frames))
+        return int(max(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes)))
 
     def _within_budget(self, frames: int) -> bool:
         return self.memory_budget_bytes is None or self.cache_bytes(frames) <= self.memory_budget_bytes
@@ -368,19 +374,24 @@ class FlowStreamer:
         return mels[0][r * (state.emitted - S0): r * (E - S0)]
 
     def _grow(self, caches: StreamCaches, tokens_needed: int) -> StreamCaches:
-        """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit."""
+        """Double the capacity (up to ``max_frames``) until ``tokens_needed`` tokens fit.
+
+        The old caches are consumed (as a push donates them): each old array is deleted as soon as
+        its grown copy exists, so growing holds the new tier plus one old array, not both tiers."""
         frames = caches.frames
         new = self._capacity(frames, tokens_needed)
         if new == frames:
             return caches
 
+        def grown(x):
+            widths = [(0, 0)] * x.ndim
+            widths[-3] = (0, x.shape[-3] * new // frames - x.shape[-3])
+            out = jnp.pad(x, widths).block_until_ready()
+            x.delete()
+            return out
+
         def pad(leaf):  # K/V caches grow along their slot axis (-3); conv tails keep their shape
-            if not isinstance(leaf, KV):
-                return leaf
-            n = leaf.k.shape[-3] * new // frames - leaf.k.shape[-3]
-            widths = [(0, 0)] * leaf.k.ndim
-            widths[-3] = (0, n)
-            return KV(jnp.pad(leaf.k, widths), jnp.pad(leaf.v, widths))
+            return KV(grown(leaf.k), grown(leaf.v)) if isinstance(leaf, KV) else leaf
         grow = functools.partial(jax.tree.map, pad, is_leaf=lambda x: isinstance(x, KV))
         return caches._replace(enc=grow(caches.enc), dec=grow(caches.dec))
 

@@ -17,7 +17,7 @@ seed gives the same audio alone or under load.
   holds its prompt and double as tokens arrive (``FlowStreamer.tiers``), so a stream is admitted by
   its own worst case, known at submission: the prompt plus the most speech tokens the LM may make for
   its text (``max_token_text_ratio`` x its text tokens; a bistream: ``bistream_max_tokens``), as
-  ``FlowStreamer.peak_cache_bytes`` (the tier it ends in plus, while growing, the one before). The
+  ``FlowStreamer.peak_cache_bytes`` (the tier it ends in plus, while growing, one array of the one before). The
   reservation is taken when the LM starts the stream and given back when it ends; the sum of
   reservations never exceeds the budget. The per-stream cache limit (``stream_cache_limit``, set on
   the streamer: the largest tier whose growth fits the whole budget, or the config's smaller
