@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -115,6 +114,16 @@ def _summary(runs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- child: fresh process
+def _peak_rss_bytes() -> int:
+    """VmHWM of this process: its own peak resident set. (``getrusage``'s ``ru_maxrss`` is not: on
+    Linux a child started by fork + exec reports the parent's peak when that is higher.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child_fresh(args) -> int:
     """One streaming zero_shot in this (fresh) process, with the CLI's persistent XLA cache."""
     from cosyvoice2_jax.cli import enable_compilation_cache
@@ -130,7 +139,7 @@ def child_fresh(args) -> int:
             first = time.time()
     total = time.perf_counter() - t0
     print(json.dumps({"load_s": load_s, "first_chunk_epoch": first, "total_s": total,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": _peak_rss_bytes()}))
     return 0
 
 
@@ -195,13 +204,13 @@ def markdown(res: dict) -> str:
 
     rows = ["| call | official | ours (warm) | ratio |", "|---|---|---|---|"]
     off = res.get("official", {}).get("modes", {})
-    for mode, o in res["ours"]["modes"].items():
+    for mode, o in res.get("ours", {}).get("modes", {}).items():
         f = off.get(mode, {})
         for key, what in (("offline_s", "offline"), ("stream_first_s", "streaming: first chunk"),
                           ("stream_total_s", "streaming: whole")):
             rows.append(f"| `inference_{mode}`, {what} | {fmt(f.get(key))} | {fmt(o[key])} | "
                         f"{ratio(o[key], f.get(key))} |")
-    vo, vf = res["ours"].get("vc_chunks"), res.get("official", {}).get("vc_chunks")
+    vo, vf = res.get("ours", {}).get("vc_chunks"), res.get("official", {}).get("vc_chunks")
     if vo:
         n = len(vo["chunk_s"])
         rows.append(f"| vc {res['source_seconds']:g} s, streaming: median chunk of {n} | "
@@ -228,8 +237,9 @@ def markdown(res: dict) -> str:
     rows.append("")
     rows.append(f"Load average {env['loadavg_start']} -> {env['loadavg_end']}, {env['cpu_count']} CPUs, "
                 f"official torch threads {env['oracle_threads']}, XLA_FLAGS `{env['xla_flags']}`, "
-                f"OMP_NUM_THREADS {env['omp_num_threads']}; medians of {res['repeats']} repeats; ours warm-up "
-                f"(compiles) {res['ours']['warmup_s']} s.")
+                f"OMP_NUM_THREADS {env['omp_num_threads']}"
+                + (f"; medians of {res['repeats']} repeats; ours warm-up (compiles) {res['ours']['warmup_s']} s."
+                   if "ours" in res else "; fresh processes only."))
     return "\n".join(rows) + "\n"
 
 
@@ -244,6 +254,8 @@ def main() -> int:
     ap.add_argument("--skip-official", action="store_true")
     ap.add_argument("--no-stages", action="store_true", help="skip the per-stage scripts (full size only)")
     ap.add_argument("--no-fresh", action="store_true", help="skip the fresh-process measurements")
+    ap.add_argument("--fresh-only", action="store_true",
+                    help="only the fresh-process measurements (no warm calls, no stages)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     ap.add_argument("--md", type=Path, help="also write the markdown table here")
     ap.add_argument("--child-fresh", action="store_true", help=argparse.SUPPRESS)
@@ -267,6 +279,9 @@ def main() -> int:
                    "python": platform.python_version(), "oracle_threads": int(os.environ.get("ORACLE_THREADS", "2")),
                    "xla_flags": os.environ.get("XLA_FLAGS", ""), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                    "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
+
+    if args.fresh_only:
+        return _report(args, res, fresh_only=True)
 
     # ---- ours, warm (one process)
     t = time.perf_counter()
@@ -328,6 +343,13 @@ def main() -> int:
                 ratios[f"{m}.{k}"] = round(a / b, 3) if a is not None and b else None
         res["ratios_ours_over_official"] = ratios
 
+    return _report(args, res)
+
+
+def _report(args, res: dict, fresh_only: bool = False) -> int:
+    """Fresh processes and stages (as asked), then print / write the results."""
+    inputs = {"prompt_wav_16k": _speechlike(3.0, 0), "source_wav_16k": _speechlike(3.0, 7),
+              "hift_noise": _noise(args.source_seconds)}
     # ---- fresh processes
     if not args.no_fresh:
         with tempfile.TemporaryDirectory(prefix="bench-e2e-xla-") as xla:
@@ -335,7 +357,7 @@ def main() -> int:
         if not args.skip_official:
             res["fresh"]["official"] = _fresh_official(args, inputs)
 
-    if not args.no_stages:
+    if not args.no_stages and not fresh_only:
         res["stages"] = _stages(args)
     res["env"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(res)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -50,7 +49,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def log(event: str, **kw) -> None:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = B._peak_rss_bytes() / 2**20
         line = {"t_s": round(time.perf_counter() - t0, 1), "rss_mb": round(_rss_mb()), "peak_mb": round(peak)}
         if args.malloc_trim:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
