@@ -164,6 +164,10 @@ def test_unaligned_pushes_and_growing_caches(params):
     assert got[0].shape == (0, 80) and st.caches.frames == 800 and st.caches.enc["encoders_0"].k.shape[1] == 400
     assert fs.tiers(17, 220) == [400, 800]  # the capacities the stream went through (server admission)
     assert_chunks_equal(got, recompute(params, inp, pushes), "unaligned pushes")
+    fs.close(st)  # caches deleted at once (the pipeline does this before its unmasked last chunk)
+    assert all(x.is_deleted() for x in jax.tree.leaves(st.caches))
+    fs.close(st)  # closing twice (or a recompute-path state) is harmless
+    fs.close(st._replace(caches=None))
 
 
 def test_heun_equals_recompute(params):

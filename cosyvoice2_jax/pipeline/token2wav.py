@@ -166,7 +166,9 @@ class Token2Wav:
                 yield vocode(mel, finalize=False)
                 offset += hop
                 hop = next(hops)
-        state = None  # free the flow caches before the final (offline) flow call
+        if use_cache:  # free the flow caches before the final (offline) flow call
+            self.flow.streamer().close(state)
+        state = None
         if not tokens:
             raise ConfigError("streaming token2wav: the token source produced no speech tokens")
         # final chunk: the official runs the flow without chunk masks over everything
