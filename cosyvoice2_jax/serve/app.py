@@ -158,9 +158,10 @@ class Server:
             if self.do_warmup and names:
                 runs = [(b, False) for b in self.warmup_batches] + ([(1, True)] if self.warmup_stream else [])
                 for n, stream in runs:
+                    # (no request timeout: the warm-up's first calls compile)
                     jobs = [self._job(SpeechRequest(input=self.warmup_text, voice=names[0], seed=i,
-                                                    response_format="pcm", stream=stream), loop=None)
-                            for i in range(n)]
+                                                    response_format="pcm", stream=stream), loop=None,
+                                      timeout_s=math.inf) for i in range(n)]
                     self.engine.submit_many(jobs)
                     for job in jobs:
                         while True:
@@ -213,7 +214,7 @@ class Server:
             seed = secrets.randbits(31)
         return jax.random.PRNGKey(int(seed)), int(seed)
 
-    def _job(self, req: SpeechRequest, loop, *, stream: bool | None = None):
+    def _job(self, req: SpeechRequest, loop, *, stream: bool | None = None, timeout_s: float | None = None):
         from ..pipeline.model import SynthesisRequest
 
         mode, spk = self.resolve(req.voice, req.instructions)
@@ -222,7 +223,7 @@ class Server:
                               key=key)
         mis = self.tts._inputs(sr)  # the pipeline's mode table (front end, prompt features)
         return self.engine.make_job(mis, key=key, stream=req.stream if stream is None else stream,
-                                    speed=req.speed, loop=loop)
+                                    speed=req.speed, loop=loop, timeout_s=timeout_s)
 
     def validate(self, req: SpeechRequest) -> None:
         if not req.input.strip():
