@@ -96,13 +96,19 @@ def env(oracle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick(env):
+def quick_server(env):
     """A server without warm-up (ready at once): for the checks that compile nothing. Its streaming
-    budget holds one bistream session (60 tokens, no prompt: the 200-frame tier, 14.4 MB) but not two."""
+    budget holds one bistream session (60 tokens, no prompt: the 200-frame tier, 14.4 MB) but not two.
+    ``test_sigterm_with_a_session_open_exits_0`` (the last test that uses it) stops it."""
     s = ServerProc(env["release"], env["tmp"], "--no-warmup", "--stream-memory-mb", "20", "--stream-wait", "3")
-    with httpx.Client(base_url=s.url, timeout=300) as c:
-        yield c
+    yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def quick(quick_server):
+    with httpx.Client(base_url=quick_server.url, timeout=300) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -483,3 +489,92 @@ def test_voice_store_follows_a_shared_directory(tmp_path):
     with pytest.raises(VoiceNotFound, match="unknown voice 'bob'"):
         b.kind("bob")
     assert "bob" not in b.tts.spk2info and b.names() == ["builtin1"]
+
+
+# --------------------------------------------------------------------------------------- shutdown
+def _assert_clean_exit(s: ServerProc, t_signal: float, bound: float) -> str:
+    """``s`` was sent SIGTERM at ``t_signal``: it exits 0 within ``bound`` s, with no abort on the way
+    (a thread ended inside XLA at interpreter exit prints ``terminate called ... FATAL: exception not
+    rethrown``) and no traceback."""
+    try:
+        rc = s.proc.wait(bound + 30)
+    except subprocess.TimeoutExpired:
+        s.proc.kill()
+        s.proc.wait()
+        raise AssertionError(f"no exit {bound + 30} s after SIGTERM:\n{s.log.read_text()[-3000:]}")
+    took = time.time() - t_signal
+    log = s.log.read_text(errors="replace")
+    assert rc == 0, f"exit status {rc}:\n{log[-3000:]}"
+    assert took < bound, (took, log[-3000:])
+    for word in ("terminate called", "FATAL", "Traceback"):
+        assert word not in log, log[-3000:]
+    return log
+
+
+@pytest.mark.slow
+def test_timed_out_streams_stop_and_sigterm_exits_0(env):
+    """Streams that reach the server's own request timeout (--timeout 2) while their work is in flight
+    (a longer text than the warm-up's: new shapes compile in the LM and the stream threads) are cut:
+    504 / a truncated stream, their LM rows, stream threads and budget reservations freed. Then the
+    same with SIGTERM right behind: the server cancels what is left, joins its threads and exits 0
+    (before the fix: the stream threads kept computing, up to the final flow chunk, and a thread still
+    inside XLA at interpreter exit aborted the process, ``terminate called ...``; a SIGTERM exited -15)."""
+    s = ServerProc(env["release"], env["tmp"], "--warmup-text", TEXT, "--timeout", "2")
+    text = "Hello there, my good friend. How are you today?"
+
+    def stream(c, seed):
+        try:
+            with c.stream("POST", "/v1/audio/speech", json={"input": text, "voice": "英文男", "seed": seed,
+                                                             "response_format": "pcm", "stream": True}) as r:
+                return r.status_code, sum(len(b) for b in r.iter_bytes())
+        except httpx.TransportError as e:  # (round 2: the server went away)
+            return type(e).__name__, 0
+
+    try:
+        with httpx.Client(base_url=s.url, timeout=120) as c, cf.ThreadPoolExecutor(3) as ex:
+            res = list(ex.map(lambda k: stream(c, k), (1, 2, 3)))
+            assert {code for code, _ in res} <= {200, 504}, res
+            assert _metric(c, "cosyvoice2_errors_total", 'kind="Timeout"') >= 1, res
+            end = time.time() + 120
+            while time.time() < end:
+                h = c.get("/healthz").json()
+                if not (h["active_slots"] or h["active_streams"] or h["stream_bytes_reserved"] or h["queue_depth"]):
+                    break
+                time.sleep(0.2)
+            assert (h["active_slots"], h["active_streams"], h["stream_bytes_reserved"], h["queue_depth"]) == (
+                0, 0, 0, 0), h
+            # round 2: other seeds (other token counts: more shapes), SIGTERM while they run
+            futs = [ex.submit(stream, c, k) for k in (4, 5, 6)]
+            end = time.time() + 60
+            while time.time() < end and not (h := c.get("/healthz").json())["active_streams"]:
+                time.sleep(0.05)
+            assert h["active_streams"], h
+            t0 = time.time()
+            s.proc.send_signal(signal.SIGTERM)
+            log = _assert_clean_exit(s, t0, bound=40)
+            for f in futs:
+                f.result()
+    finally:
+        s.stop()
+    assert "Shutting down" in log
+
+
+def test_sigterm_with_a_session_open_exits_0(quick_server, quick):
+    """SIGTERM while a bistream session holds the streaming budget (its thread waits for text): the
+    session is closed, its thread stops, the server exits 0 within seconds (uvicorn re-raises the
+    signal after its shutdown: the process used to end with -15). Stops the module's quick server:
+    keep this the last test that uses it."""
+    url = quick_server.url.replace("http", "ws") + "/v1/audio/speech/stream"
+    with websockets_sync.connect(url, open_timeout=30, close_timeout=5) as ws:
+        ws.send(json.dumps({"voice": "英文男", "seed": 3}))
+        end = time.time() + 60
+        while time.time() < end and (h := quick.get("/healthz").json())["active_streams"] == 0:
+            time.sleep(0.1)
+        assert h["active_streams"] == 1 and h["stream_bytes_reserved"] > 0, h
+        t0 = time.time()
+        quick_server.proc.send_signal(signal.SIGTERM)
+        with pytest.raises(Exception) as closed:  # the server closes the socket (1012 service restart)
+            while True:
+                ws.recv(timeout=30)
+        assert type(closed.value).__name__.startswith("ConnectionClosed"), repr(closed.value)
+        _assert_clean_exit(quick_server, t0, bound=15)

@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, CosyVoiceError
 from . import audio as A
-from .engine import Busy, Cancelled, Engine, EngineError
+from .engine import Busy, Cancelled, Engine, EngineError, ShuttingDown
 from .metrics import Metrics
 from .voices import VoiceError, VoiceStore
 
@@ -138,10 +138,12 @@ class Server:
     # ------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         self.engine.start()
-        threading.Thread(target=self._warmup, name="warmup", daemon=True).start()
+        self.engine.spawn(self._warmup, name="warmup")
 
-    def stop(self) -> None:
-        self.engine.stop()
+    def stop(self, timeout: float | None = None) -> list[str]:
+        """Stop the engine: cancel the requests in flight, join its threads (:meth:`Engine.stop`).
+        Returns the names of threads still running after ``timeout``; idempotent."""
+        return self.engine.stop(timeout)
 
     def _warmup(self) -> None:
         """Compile what the first requests of ``warmup_text`` need, nothing more: the LM (prefill and
@@ -156,9 +158,10 @@ class Server:
             if self.do_warmup and names:
                 runs = [(b, False) for b in self.warmup_batches] + ([(1, True)] if self.warmup_stream else [])
                 for n, stream in runs:
+                    # (no request timeout: the warm-up's first calls compile)
                     jobs = [self._job(SpeechRequest(input=self.warmup_text, voice=names[0], seed=i,
-                                                    response_format="pcm", stream=stream), loop=None)
-                            for i in range(n)]
+                                                    response_format="pcm", stream=stream), loop=None,
+                                      timeout_s=math.inf) for i in range(n)]
                     self.engine.submit_many(jobs)
                     for job in jobs:
                         while True:
@@ -173,6 +176,9 @@ class Server:
             log.info("warm-up done in %.1f s", self.warmup_seconds)
             self.ready.set()
         except Exception as e:  # noqa: BLE001 - reported by /healthz
+            if self.engine.stopping.is_set():  # shut down while warming up
+                self.warmup_error = "the server shut down during warm-up"
+                return
             log.exception("warm-up failed")
             self.warmup_error = f"{type(e).__name__}: {e}"
 
@@ -208,7 +214,7 @@ class Server:
             seed = secrets.randbits(31)
         return jax.random.PRNGKey(int(seed)), int(seed)
 
-    def _job(self, req: SpeechRequest, loop, *, stream: bool | None = None):
+    def _job(self, req: SpeechRequest, loop, *, stream: bool | None = None, timeout_s: float | None = None):
         from ..pipeline.model import SynthesisRequest
 
         mode, spk = self.resolve(req.voice, req.instructions)
@@ -217,7 +223,7 @@ class Server:
                               key=key)
         mis = self.tts._inputs(sr)  # the pipeline's mode table (front end, prompt features)
         return self.engine.make_job(mis, key=key, stream=req.stream if stream is None else stream,
-                                    speed=req.speed, loop=loop)
+                                    speed=req.speed, loop=loop, timeout_s=timeout_s)
 
     def validate(self, req: SpeechRequest) -> None:
         if not req.input.strip():
@@ -275,7 +281,12 @@ def create_app(server: Server) -> FastAPI:
     async def lifespan(app):
         server.start()
         yield
-        server.stop()
+        # (uvicorn gave open requests their grace period and cancelled the rest); in a worker thread so
+        # the event loop can still deliver the cancelled requests' last events
+        left = await asyncio.to_thread(server.stop)
+        if left:
+            log.error("shutdown: threads %s still inside a compiled call after %.0f s", left,
+                      server.engine.shutdown_timeout_s)
 
     app = FastAPI(title="cosyvoice2-jax", lifespan=lifespan)
     app.state.server = server
@@ -480,7 +491,10 @@ def create_app(server: Server) -> FastAPI:
         except Exception as e:  # noqa: BLE001
             a = _from_exception(e)
             return await fail(a.status, a.message)
-        got = await run_in_threadpool(server.engine.acquire_stream, nbytes, server.engine.stream_wait_s)
+        try:
+            got = await run_in_threadpool(server.engine.acquire_stream, nbytes, server.engine.stream_wait_s)
+        except ShuttingDown as e:
+            return await fail(503, str(e))
         if not got:
             retry = max(1, math.ceil(server.engine.stream_retry_after()))
             m.requests.labels(endpoint="/v1/audio/speech/stream", status="429").inc()
@@ -494,18 +508,25 @@ def create_app(server: Server) -> FastAPI:
         cancelled = threading.Event()
         tts = server.tts
 
+        def gone() -> bool:  # the client hung up or the server stops
+            return cancelled.is_set() or server.engine.stopping.is_set()
+
         def pieces():
             while True:
-                item = text_q.get()
-                if cancelled.is_set():
-                    raise Cancelled("client disconnected")
+                try:
+                    item = text_q.get(timeout=0.5)
+                except queue.Empty:
+                    item = ""
+                if gone():
+                    raise Cancelled("client disconnected" if cancelled.is_set() else "the server is shutting down")
                 if item is None:
                     return
-                yield item
+                if item:
+                    yield item
 
         def run():
             t0 = time.perf_counter()
-            n, first = 0, None
+            n, first, gen = 0, None, None
             try:
                 if mode == "sft":
                     gen = tts.inference_sft(pieces(), spk, stream=True, key=key)
@@ -517,6 +538,8 @@ def create_app(server: Server) -> FastAPI:
                 else:
                     gen = tts.inference_cross_lingual(pieces(), zero_shot_spk_id=spk, stream=True, key=key)
                 for out in gen:
+                    if gone():  # stop at this chunk boundary (closing gen frees its caches)
+                        raise Cancelled("client disconnected" if cancelled.is_set() else "the server is shutting down")
                     a = np.asarray(out["tts_speech"], np.float32).reshape(-1)
                     if first is None:
                         first = time.perf_counter() - t0
@@ -530,10 +553,15 @@ def create_app(server: Server) -> FastAPI:
                 except RuntimeError:
                     pass
             finally:
+                if gen is not None:
+                    gen.close()
                 server.engine.release_stream(nbytes)
 
-        worker = threading.Thread(target=run, name="bistream", daemon=True)
-        worker.start()
+        try:
+            server.engine.spawn(run, name="bistream")
+        except ShuttingDown as e:
+            server.engine.release_stream(nbytes)
+            return await fail(503, str(e))
 
         async def reader():
             try:
@@ -575,9 +603,10 @@ def create_app(server: Server) -> FastAPI:
                     a = _from_exception(val)
                     return await fail(a.status, a.message)
         except WebSocketDisconnect:
+            pass
+        finally:  # (also when the server's shutdown cancels this handler): the session's thread stops
             cancelled.set()
             text_q.put(None)
-        finally:
             rtask.cancel()
 
     # ----------------------------------------------------------------------------- official shapes

@@ -30,7 +30,15 @@ seed gives the same audio alone or under load.
 * Back-pressure: at most ``max_queue`` requests wait for a slot; :meth:`submit` raises
   :class:`Busy` (HTTP 429 with ``Retry-After``) beyond that.
 * Per-request deadline (``timeout_s``) and cancellation (client gone): the row is freed at the
-  next decode call, the stream thread stops, the job gets a :class:`Cancelled` / :class:`Timeout`.
+  next decode call, the job gets a :class:`Cancelled` / :class:`Timeout`, and its stream thread stops
+  at its next chunk boundary (it checks the deadline itself once the LM is done with the request): no
+  further flow / HiFT call, not even the final chunk, and its stream reservation is given back.
+* Shutdown (:meth:`stop`, the app's lifespan): new requests get :class:`ShuttingDown` (HTTP 503),
+  every queued or running request is failed with it (its work stops at the next decode call or chunk
+  boundary), then the engine thread and every worker thread (:meth:`spawn`: stream threads, the
+  warm-up, bistream sessions) are joined within ``shutdown_timeout_s``. No thread of the engine may
+  still be inside a compiled call when the interpreter exits: CPython ends daemon threads at exit,
+  and one ended inside XLA aborts the process (``terminate called ...``).
 
 Results reach the caller through ``Job.events`` (``("audio", float32 array)`` chunks, then
 ``("done", info)`` or ``("error", exception)``), delivered into an asyncio queue when the job was
@@ -79,6 +87,16 @@ class Timeout(EngineError):
 
 class Cancelled(EngineError):
     status = 499
+
+
+class ShuttingDown(EngineError):
+    """The server is stopping (HTTP 503): the request was refused or cut short."""
+
+    status = 503
+
+
+class _Stop(Exception):
+    """Internal: a stream's job ended (cancelled, failed, timed out); its stream thread stops here."""
 
 
 class TooLong(EngineError):
@@ -133,6 +151,9 @@ class Job:
         else:
             self.events.put((kind, value))
 
+    def expired(self) -> bool:
+        return time.perf_counter() > self.deadline
+
     def cancel(self) -> None:
         self.cancelled.set()
         for s in self.segments:
@@ -152,17 +173,19 @@ class Engine:
       stream_budget_bytes / max_streams: streaming flow-cache budget in bytes, or a stream count
         instead (module docstring).
       stream_wait_s: how long a stream may wait for the budget before a 429.
+      shutdown_timeout_s: how long :meth:`stop` waits for the engine's threads (a thread inside a
+        compiled call finishes that call first).
       metrics: a :class:`cosyvoice2_jax.serve.metrics.Metrics` (or None).
     """
 
     def __init__(self, tts, *, rows: int = 8, cache_slots: int = 2048, max_queue: int = 32,
                  timeout_s: float = 300.0, stream_budget_bytes: int = 4 << 30, max_streams: int | None = None,
-                 stream_wait_s: float = 60.0, metrics=None):
+                 stream_wait_s: float = 60.0, shutdown_timeout_s: float = 30.0, metrics=None):
         self.tts, self.lm = tts, tts.lm
         self.rows, self.cache_slots = rows, cache_slots
         self.max_queue, self.timeout_s = max_queue, timeout_s
         self.stream_budget_bytes, self._max_streams_arg = stream_budget_bytes, max_streams
-        self.stream_wait_s = stream_wait_s
+        self.stream_wait_s, self.shutdown_timeout_s = stream_wait_s, shutdown_timeout_s
         self.max_streams = max_streams or 1   # streams of the longest admissible request that fit at once
         self.per_stream_bytes = 0             # reservation of the longest admissible request
         self.stream_cache_limit: int | None = None  # per-stream cache bytes before the recompute fallback
@@ -175,6 +198,9 @@ class Engine:
         self._slots: list[Optional[tuple[Job, int]]] = [None] * rows
         self._streams = 0
         self._stop = False
+        self.stopping = threading.Event()     # set by stop(): sessions outside the LM batch end too
+        self._live: set[Job] = set()          # submitted, not finished (stop() fails them)
+        self._workers: set[threading.Thread] = set()  # spawn()ed threads still running
         self._state = None
         self._thread: Optional[threading.Thread] = None
         self._service_s = 1.0  # EMA of request service time (Retry-After estimate)
@@ -186,12 +212,47 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="cosyvoice2-engine", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> list[str]:
+        """Fail every queued and running request with :class:`ShuttingDown`, stop the engine thread and
+        join it and every :meth:`spawn`\ ed thread within ``timeout`` s (``shutdown_timeout_s``).
+        Returns the names of the threads still running after that (empty: all stopped). Idempotent."""
+        end = time.perf_counter() + (self.shutdown_timeout_s if timeout is None else timeout)
         with self._cv:
             self._stop = True
+            self.stopping.set()
+            live = [j for j in list(self._live) if not j.finished.is_set()]
+            err = ShuttingDown("the server is shutting down; retry later (or on another replica)")
+            for job in live:
+                self._fail(job, err)  # its stream thread stops at its next chunk boundary
+            self._waiting.clear()
+            self._front.clear()
+            self._slots = [None] * self.rows  # (the engine thread skips rows it no longer finds)
             self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        if live:
+            log.warning("shutdown: %d request(s) in flight cancelled", len(live))
+        threads = [self._thread] if self._thread is not None else []
+        threads += list(self._workers)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, end - time.perf_counter()))
+        return [t.name for t in threads if t.is_alive()]
+
+    def spawn(self, target, *args, name: str) -> threading.Thread:
+        """Run ``target(*args)`` in a worker thread that :meth:`stop` joins (:class:`ShuttingDown`
+        once stopping). The target must end soon after ``stopping`` is set or its job is failed."""
+        def run():
+            try:
+                target(*args)
+            finally:
+                self._workers.discard(threading.current_thread())
+
+        t = threading.Thread(target=run, name=name, daemon=True)
+        with self._cv:
+            if self.stopping.is_set():
+                raise ShuttingDown("the server is shutting down; retry later (or on another replica)")
+            self._workers.add(t)
+        t.start()
+        return t
 
     def plan_streams(self) -> None:
         """Size the streaming budget: the per-stream cache limit (set on the pipeline's streamer) and
@@ -295,6 +356,8 @@ class Engine:
     def submit_many(self, jobs: list) -> list:
         """Queue several jobs at once (they can join the same decode call), all or none."""
         with self._cv:
+            if self.stopping.is_set():
+                raise ShuttingDown("the server is shutting down; retry later (or on another replica)")
             if len(self._waiting) + len(jobs) > self.max_queue:
                 retry = 1.0 + self._service_s * (len(self._waiting) + 1) / max(self.rows, 1)
                 if self.metrics:
@@ -302,11 +365,11 @@ class Engine:
                 raise Busy(f"server busy: {len(self._waiting)} requests already wait for a slot "
                            f"(max_queue={self.max_queue}); retry later", retry_after=retry)
             self._waiting.extend(jobs)
+            self._live.update(jobs)
+            for job in jobs:
+                if job.stream:
+                    self.spawn(self._stream_worker, job, name=f"stream-{job.id}")
             self._cv.notify_all()
-        for job in jobs:
-            if job.stream:
-                threading.Thread(target=self._stream_worker, args=(job,), name=f"stream-{job.id}",
-                                 daemon=True).start()
         return jobs
 
     def acquire_stream(self, nbytes: int, timeout: float) -> bool:
@@ -316,12 +379,16 @@ class Engine:
         with self._cv:
             # streams queued for the LM go first (in order)
             while self.streams_waiting() or not self._stream_fits(nbytes):
+                if self.stopping.is_set():
+                    raise ShuttingDown("the server is shutting down; retry later (or on another replica)")
                 left = end - time.perf_counter()
                 if left <= 0:
                     if self.metrics:
                         self.metrics.rejected.labels(reason="stream_budget").inc()
                     return False
                 self._cv.wait(min(left, 0.1))
+            if self.stopping.is_set():
+                raise ShuttingDown("the server is shutting down; retry later (or on another replica)")
             self._take_stream(nbytes)
             return True
 
@@ -345,6 +412,7 @@ class Engine:
         job.error = err
         job.cancel()  # stops its stream thread
         job.finished.set()
+        self._live.discard(job)
         if self.metrics:
             self.metrics.errors.labels(kind=type(err).__name__).inc()
         job.emit("error", err)
@@ -353,6 +421,7 @@ class Engine:
         if job.finished.is_set():
             return
         job.finished.set()
+        self._live.discard(job)
         took = time.perf_counter() - job.t_submit
         self._service_s = 0.8 * self._service_s + 0.2 * took
         dur = job.samples / self.tts.sample_rate
@@ -531,47 +600,66 @@ class Engine:
                 self._finish(job)
 
     # ------------------------------------------------------------------------------ stream threads
+    def _alive(self, job: Job) -> bool:
+        """False once ``job`` was cancelled or failed; past its deadline it fails it with :class:`Timeout`
+        first (the engine thread does that for requests in the LM; a stream outlives its LM rows)."""
+        if job.cancelled.is_set() or job.finished.is_set():
+            return False
+        if job.expired():
+            with self._cv:
+                self._fail(job, Timeout(f"request timed out after {self.timeout_s:.0f} s"))
+            return False
+        return True
+
     def _stream_worker(self, job: Job) -> None:
         t2w = self.tts.token2wav
         waited = [0.0]  # seconds spent waiting for the LM's tokens (not token2wav compute)
 
         def source(seg: Segment):
+            """The LM's new tokens; ends with the segment, raises :class:`_Stop` when the job ended
+            (token2wav then computes nothing more, not even its final chunk)."""
             while True:
                 t0 = time.perf_counter()
                 try:
                     item = seg.token_q.get(timeout=0.5)
                 except queue.Empty:
-                    waited[0] += time.perf_counter() - t0
-                    if job.cancelled.is_set() or job.finished.is_set():
-                        return
-                    continue
+                    item = ()
                 waited[0] += time.perf_counter() - t0
-                if item is None or job.cancelled.is_set():
+                if not self._alive(job):
+                    raise _Stop
+                if item is None:
                     return
-                yield item
+                if item:
+                    yield item
 
         try:
             while not job.admitted.wait(0.5):  # no flow cache before the budget allows it
-                if job.cancelled.is_set() or job.finished.is_set():
+                if not self._alive(job):
                     return
             for seg in job.segments:
                 t0, waited[0] = time.perf_counter(), 0.0
-                for chunk in t2w.stream(source(seg), seg.mi.flow, seg.k_voc):
-                    if job.cancelled.is_set() or job.finished.is_set():
-                        return
-                    first = job.t_first is None
-                    job.emit("audio", np.asarray(chunk, np.float32))
-                    if first and self.metrics:
-                        self.metrics.first_chunk.labels(stream="true").observe(job.t_first - job.t_submit)
+                chunks = t2w.stream(source(seg), seg.mi.flow, seg.k_voc)
+                try:
+                    for chunk in chunks:
+                        if not self._alive(job):
+                            return
+                        first = job.t_first is None
+                        job.emit("audio", np.asarray(chunk, np.float32))
+                        if first and self.metrics:
+                            self.metrics.first_chunk.labels(stream="true").observe(job.t_first - job.t_submit)
+                finally:
+                    chunks.close()  # (a stop mid-stream: the flow caches go now)
                 if self.metrics:  # the stream thread's own time (flow + HiFT chunks), waits for tokens excluded
                     self.metrics.stage_seconds.labels(stage="token2wav_stream").inc(
                         max(0.0, time.perf_counter() - t0 - waited[0]))
-                if job.cancelled.is_set() or job.finished.is_set():
+                if not self._alive(job):
                     return
             with self._cv:
                 self._finish(job)
+        except _Stop:
+            pass
         except Exception as e:  # noqa: BLE001 - reported to the request
-            if not (job.cancelled.is_set() or job.finished.is_set()):
+            if self._alive(job):
                 with self._cv:
                     self._fail(job, e)
         finally:
