@@ -15,7 +15,7 @@ simulated devices and a global batch, and reports the per-device FLOPs of the pa
 named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation, plus the compile
 time and the host's peak RSS::
 
-  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4 --fast-compile
   python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
   python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
   python scripts/bench_train.py scale --objective distill-reflow --chips 64 --mesh 1 64 1 --no-compile
