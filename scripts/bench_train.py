@@ -15,15 +15,16 @@ simulated devices and a global batch, and reports the per-device FLOPs of the pa
 named accelerator (table ``PEAK`` below) and at an assumed model-FLOPs utilisation, plus the compile
 time and the host's peak RSS::
 
-  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4
+  python scripts/bench_train.py scale --objective lm --chips 64 --mesh 1 64 1 --rows-per-shard 4 --fast-compile
   python scripts/bench_train.py scale --objective flow --chips 8 --mesh 1 8 1 --remat full --cpu-scheduler memory
   python scripts/bench_train.py scale --objective distill-meanflow --chips 8 --mesh -1 8 1  # flow student + teacher
   python scripts/bench_train.py scale --objective distill-reflow --chips 64 --mesh 1 64 1 --no-compile
 
 ``--no-compile``: only ``state_per_chip_gib``, the exact per-device size of the sharded params and optimizer
 state (shard shapes of the trainer's shardings; frozen params such as a distillation teacher get no
-optimizer state). A user's ``XLA_FLAGS`` are kept (e.g. ``--xla_backend_optimization_level=0`` to shorten a
-full-size CPU compile: LLVM runs after buffer assignment, so memory and FLOPs are unchanged).
+optimizer state). A user's ``XLA_FLAGS`` are kept. ``--fast-compile`` turns LLVM optimisation off
+(``FAST_COMPILE_FLAGS``) to shorten a full-size CPU compile from tens of minutes to a few: LLVM codegen runs
+after XLA's cost analysis and buffer assignment, so FLOPs and memory are those of the optimised build.
 ``memory`` compiles the full CosyVoice2-0.5B LM step (fp32 params + Adam, no execution) with
 ``jax.jit(...).lower(...).compile().memory_analysis()`` for several batch sizes, to find the batch
 that fits a 16 GiB and an 80 GiB accelerator.
@@ -47,6 +48,13 @@ for _mode, _flag in (("speed", "--devices"), ("scale", "--chips")):
 # --remat saves (TPU/GPU compilers schedule for memory). A backend flag: set before jax starts.
 if "--cpu-scheduler" in sys.argv and sys.argv[sys.argv.index("--cpu-scheduler") + 1] == "memory":
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false").strip()
+# --fast-compile: LLVM optimisation off for the CPU compile (FAST_COMPILE_FLAGS). XLA's HLO passes, its cost
+# analysis (FLOPs) and buffer assignment (memory) run before LLVM codegen, so the figures are those of the
+# optimised build (checked on the full-size LM at 8 chips, README "Scale model"); it cuts a full-size compile
+# from tens of minutes to a few.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "--fast-compile" in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE_FLAGS).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -251,7 +259,8 @@ def scale(args):
                 + ma.temp_size_in_bytes) / gib
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract["params"]))
     out = {"objective": args.objective, "model": args.model, "precision": args.precision, "remat": args.remat,
-           "cpu_scheduler": args.cpu_scheduler,
+           "cpu_scheduler": args.cpu_scheduler, "fast_compile": args.fast_compile,
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "chips": mesh.size,
            "mesh": dict(mesh.shape), "global_rows": rows, "text": args.text, "speech": args.speech,
            "params": n_params, "tokens_per_step": tokens, "compile_s": round(compile_s, 1),
@@ -261,6 +270,8 @@ def scale(args):
            "state_per_chip_gib": state_gib,
            "memory_per_chip_gib": {"arguments": round(ma.argument_size_in_bytes / gib, 3),
                                    "temp": round(ma.temp_size_in_bytes / gib, 3), "peak_estimate": round(peak_mem, 3)},
+           "memory_per_chip_bytes": {"arguments": ma.argument_size_in_bytes, "output": ma.output_size_in_bytes,
+                                     "alias": ma.alias_size_in_bytes, "temp": ma.temp_size_in_bytes},
            "assumed_mfu": args.mfu, "accelerators": {}}
     for name, spec in PEAK.items():
         t_peak = flops_dev / spec[args.precision]
@@ -301,6 +312,9 @@ def main():
     for p in (m, c):
         p.add_argument("--cpu-scheduler", choices=["default", "memory"], default="default",
                        help="XLA CPU scheduler for the compile (memory: shows what remat saves; see the top of this file)")
+        p.add_argument("--fast-compile", action="store_true",
+                       help=f"XLA_FLAGS {FAST_COMPILE_FLAGS}: LLVM optimisation off; same FLOPs and memory, "
+                            "a much shorter CPU compile (see the top of this file)")
     args = ap.parse_args()
     {"speed": speed, "memory": memory, "scale": scale}[args.what](args)
 
