@@ -122,3 +122,54 @@ def test_donated_argument_is_donated_when_passed_by_position(tmp_path, cached):
         assert not new.a.is_deleted()
     finally:
         aot.enable(None)
+
+
+@pytest.fixture
+def compile_events():
+    """Counts JAX's tracing, lowering and compilation (incl. compilation-cache reads) events."""
+    events: collections.Counter = collections.Counter()
+    names = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+             "/jax/core/compile/backend_compile_duration": "compile"}
+
+    def listener(event, duration, **kw):
+        if event in names:
+            events[names[event]] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield events
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_a_later_process_compiles_nothing(cache_dir, compile_events):
+    """The file keeps the compiled executable: a later process (new wrapper, JAX's in-memory caches
+    cleared) runs the entry point with no tracing, no lowering and no compilation or
+    compilation-cache lookup at all. An unusable executable (another machine) is compiled again
+    from the exported program and replaced."""
+    import pickle
+
+    params, _, x = args()
+    state = lambda: Pair(jnp.zeros(()), jnp.ones(2))  # noqa: E731 (donated: a fresh one per call)
+    ref = jax.jit(make([]), static_argnames="n")(params, state(), x, n=2)
+    aot.jit(make([]), name="p", static_argnames="n", donate_argnames="state")(params, state(), x, n=2)
+    assert compile_events["compile"] >= 1  # the first process compiled it
+
+    jax.clear_caches()
+    compile_events.clear()
+    traces: list = []
+    out = aot.jit(make(traces), name="p", static_argnames="n", donate_argnames="state")(params, state(), x, n=2)
+    assert traces == [] and dict(compile_events) == {}, dict(compile_events)
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_array_equal(out[0].a, ref[0].a)
+
+    (path,) = cache_dir.glob("p-*.jaxexp")
+    payload = pickle.loads(path.read_bytes())
+    payload["executable"] = (b"not an executable",) + tuple(payload["executable"][1:])
+    path.write_bytes(pickle.dumps(payload))
+    jax.clear_caches()
+    out = aot.jit(make(traces), name="p", static_argnames="n", donate_argnames="state")(params, state(), x, n=2)
+    assert traces == [] and compile_events["compile"] == 1  # the exported program, compiled again
+    np.testing.assert_array_equal(out[1], ref[1])
+    jax.clear_caches()
+    compile_events.clear()
+    aot.jit(make(traces), name="p", static_argnames="n", donate_argnames="state")(params, state(), x, n=2)
+    assert dict(compile_events) == {}  # the file holds a good executable again
