@@ -176,7 +176,9 @@ class ExportedJit:
         if payload is not None and payload.get("executable") is not None:
             try:  # the compiled executable: no lowering, no compilation-cache lookup
                 # (its calls check the argument types; the key already hashes them)
-                return serialize_executable.deserialize_and_load(*payload["executable"]), payload["out_tree"]
+                return (serialize_executable.deserialize_and_load(*payload["executable"],
+                                                                  execution_devices=jax.devices()[:1]),
+                        payload["out_tree"])
             except Exception as e:  # e.g. written on another machine: compile the exported program
                 log.warning("cached executable %s not usable (%s); compiling it again", path, e)
         exp = out_tree = None
