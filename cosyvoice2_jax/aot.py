@@ -10,17 +10,11 @@ streamed chunk, against ~5 s reading compiled programs).
 names a folder, the first call of each signature exports the program with :mod:`jax.export`
 (StableHLO, serialized) to ``<folder>/<name>-<hash>.jaxexp`` (atomic write: a temporary file
 renamed into place); a later process deserializes it and calls it, so no Python model code runs.
-The first process also compiles the program and keeps the compiled executable in the same file
-(``jax.experimental.serialize_executable``); a later process loads that directly, skipping the
-lowering of the exported program and the compilation-cache lookup (each ~20-100 ms per program,
-and the first lowering of an exported call imported scipy.linalg, ~0.4 s). Without a usable
-executable (another machine, a file from before) the exported program is lowered and compiled
-(through the persistent compilation cache) and the executable added.
+The compiled executable then comes from the persistent compilation cache as before.
 
 The file name (``<name>-<code fingerprint>-<key>``) hashes everything the program depends on: the entry point's name, a fingerprint of
 this package's source files (any code change invalidates every file), the jax/jaxlib versions,
-the backend, its platform version and device kind, the JAX flags that change lowering (x64,
-default matmul precision) and ``XLA_FLAGS`` (they change the compiled executable),
+the backend and device kind, the JAX flags that change lowering (x64, default matmul precision),
 the static arguments (their ``repr``), a ``context`` the caller passes for state its function
 closes over (configs, sampling mode), the argument tree structure and every leaf's shape, dtype
 and weak type. A file that cannot be read, or whose recorded input types differ, is re-exported;
@@ -48,7 +42,7 @@ import jax
 
 log = logging.getLogger(__name__)
 SUFFIX = ".jaxexp"
-_FORMAT = 2  # bump when the file payload changes (2: + the serialized executable)
+_FORMAT = 1  # bump when the file payload changes
 _dir: Path | None = None
 
 
@@ -79,9 +73,8 @@ def _environment() -> str:
 
     dev = jax.devices()[0]
     return repr((_FORMAT, code_fingerprint(), jax.__version__, jaxlib.__version__, dev.platform,
-                 getattr(dev.client, "platform_version", ""), getattr(dev, "device_kind", ""),
-                 bool(jax.config.jax_enable_x64), str(jax.config.jax_default_matmul_precision),
-                 os.environ.get("XLA_FLAGS", "")))
+                 getattr(dev, "device_kind", ""), bool(jax.config.jax_enable_x64),
+                 str(jax.config.jax_default_matmul_precision)))
 
 
 def _stable_repr(x: Any) -> str | None:
@@ -130,10 +123,8 @@ class ExportedJit:
         dyn_names = [k for k in bound.arguments if k not in self._static]
         per_arg = [jax.tree.flatten(bound.arguments[k]) for k in dyn_names]
         leaves = [leaf for lv, _ in per_arg for leaf in lv]
-        default = jax.devices()[0]
-        if any(isinstance(leaf, jax.core.Tracer)
-               or any(d != default for d in getattr(getattr(leaf, "sharding", None), "device_set", ()))
-               for leaf in leaves):  # inside a trace, or placed on other devices: the jit path
+        if any(isinstance(leaf, jax.core.Tracer) or len(getattr(getattr(leaf, "sharding", None), "device_set", ())) > 1
+               for leaf in leaves):  # inside a trace, or sharded over several devices: the jit path
             return self._jit(*args, **kwargs)
         static_repr, context_repr = _stable_repr(sorted(statics.items())), _stable_repr(self.context)
         if static_repr is None or context_repr is None:
@@ -161,37 +152,19 @@ class ExportedJit:
         return jax.tree.unflatten(out_tree, call(*leaves))
 
     def _load_or_export(self, key, statics, dyn_names, treedefs, per_arg, avals):
-        from jax.experimental import serialize_executable
-
         code = code_fingerprint()[:12]
         path = _dir / f"{self.name}-{code}-{key[:32]}{SUFFIX}"
-        payload = None
+        exp = out_tree = None
         if path.is_file():
             try:
                 payload = pickle.loads(path.read_bytes())
-                if payload.get("format") != _FORMAT:
-                    payload = None
-            except Exception as e:  # unreadable or from another format: export again
-                log.warning("ignoring cached program %s (%s)", path, e)
-        if payload is not None and payload.get("executable") is not None:
-            try:  # the compiled executable: no lowering, no compilation-cache lookup
-                # (its calls check the argument types; the key already hashes them)
-                return (serialize_executable.deserialize_and_load(*payload["executable"],
-                                                                  execution_devices=jax.devices()[:1]),
-                        payload["out_tree"])
-            except Exception as e:  # e.g. written on another machine: compile the exported program
-                log.warning("cached executable %s not usable (%s); compiling it again", path, e)
-        exp = out_tree = None
-        if payload is not None:
-            try:
                 exp, out_tree = jax.export.deserialize(bytearray(payload["exported"])), payload["out_tree"]
                 if [(a.shape, a.dtype) for a in exp.in_avals] != [(a.shape, a.dtype) for a in avals]:
                     exp = None
-            except Exception as e:
+            except Exception as e:  # unreadable or from another format: export again
                 log.warning("ignoring cached program %s (%s)", path, e)
                 exp = None
-        fresh = exp is None
-        if fresh:
+        if exp is None:
             holder = {}
 
             def flat(*lv):
@@ -203,24 +176,16 @@ class ExportedJit:
 
             exp = jax.export.export(jax.jit(flat))(*avals)
             out_tree = holder["tree"]
+            _write_atomic(path, pickle.dumps({"exported": bytes(exp.serialize()), "out_tree": out_tree}))
+            for stale in _dir.glob(f"{self.name}-*{SUFFIX}"):  # programs of other code versions
+                if stale.name.count("-") == path.name.count("-") and stale.name.split("-")[-2] != code:
+                    stale.unlink(missing_ok=True)
         donate, i = [], 0
         for name, (arg_leaves, _) in zip(dyn_names, per_arg):
             if name in self._donate:
                 donate.extend(range(i, i + len(arg_leaves)))
             i += len(arg_leaves)
-        compiled = jax.jit(exp.call, donate_argnums=tuple(donate)).lower(*avals).compile()
-        try:
-            executable = serialize_executable.serialize(compiled)
-        except Exception as e:  # not serializable on this backend: the exported program alone
-            log.info("%s: executable not serializable (%s)", self.name, e)
-            executable = None
-        _write_atomic(path, pickle.dumps({"format": _FORMAT, "exported": bytes(exp.serialize()),
-                                          "out_tree": out_tree, "executable": executable}))
-        if fresh:
-            for stale in _dir.glob(f"{self.name}-*{SUFFIX}"):  # programs of other code versions
-                if stale.name.count("-") == path.name.count("-") and stale.name.split("-")[-2] != code:
-                    stale.unlink(missing_ok=True)
-        return compiled, out_tree
+        return jax.jit(exp.call, donate_argnums=tuple(donate)), out_tree
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
