@@ -249,12 +249,12 @@ def cmd_synth(args) -> int:
     from .pipeline.loading import is_converted
     from .pipeline.release import check_release_dir
 
+    if not args.no_cache:  # compiled programs persist too: the second run skips XLA compilation
+        enable_compilation_cache()  # first: checking the --flow-* sampler already runs small programs
     texts = _check_synth_args(args)
     paths = _outputs(args, texts)
     if not is_converted(args.model_dir):
         check_release_dir(args.model_dir)
-    if not args.no_cache:  # compiled programs persist too: the second run skips XLA compilation
-        enable_compilation_cache()
     from .pipeline.model import CosyVoice2
 
     t0 = time.perf_counter()

@@ -75,9 +75,16 @@ def tok_dir(tmp_path_factory):
                                     corpus=DEFAULT_CORPUS + tuple(CORPUS))
 
 
-@pytest.fixture(scope="module")
-def tok(tok_dir):
-    return T.QwenTextTokenizer.from_dir(tok_dir)
+@pytest.fixture(scope="module", params=["dir", "file"])
+def tok(tok_dir, tmp_path_factory, request):
+    """Built from the directory (transformers), and re-read from the ``tokenizers`` file it saves
+    (what converted directories load): every test below runs on both."""
+    t = T.QwenTextTokenizer.from_dir(tok_dir)
+    if request.param == "file":
+        path = tmp_path_factory.mktemp("text_tokenizer") / "text_tokenizer.json"
+        t.save(path)
+        t = T.QwenTextTokenizer.from_file(path)
+    return t
 
 
 def test_corpus_size():
@@ -96,6 +103,26 @@ def test_tokenizer_encode_decode_matches_official(tok, tok_dir, oracle):
         assert got == want, t
         assert tok.decode(got) == str(ref["decoded"][i]), t
         assert tok.decode(got, skip_special_tokens=False) == str(ref["decoded_special"][i]), t
+
+
+def test_saved_tokenizer_is_the_same(tok_dir, tmp_path):
+    """``save`` + ``from_file`` (no transformers) gives the ids, text and vocabulary of ``from_dir``."""
+    a = T.QwenTextTokenizer.from_dir(tok_dir)
+    a.save(tmp_path / "t.json")
+    b = T.QwenTextTokenizer.from_file(tmp_path / "t.json")
+    texts = CORPUS + ["<|endofprompt|>你好[breath]hello", "a<|im_start|>b<|endoftext|>c [mn][lipsmack]",
+                      "emoji 😀👍🏽 e\u0301 \ue000 ሰላም \u200b", "  lead\t\ttabs\r\n\nnew  ", "<strong", "[breath"]
+    for t in texts:
+        ids = a.encode(t)
+        assert b.encode(t) == ids, t
+        for skip in (True, False):
+            assert b.decode(ids, skip_special_tokens=skip) == a.decode(ids, skip_special_tokens=skip), t
+        assert b.byte_fallback_chars(t) == a.byte_fallback_chars(t), t
+    assert len(b) == len(a) == a.vocab_size
+    for s in T.COSYVOICE_SPECIAL_TOKENS + (T.EOS_TOKEN,):
+        assert b.token_id(s) == a.token_id(s)
+    with pytest.raises(TextError, match="could not load the tokenizer file"):
+        T.QwenTextTokenizer.from_file(tmp_path / "missing.json")
 
 
 def test_special_token_ids_come_from_files(tok, tok_dir):

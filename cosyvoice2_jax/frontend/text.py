@@ -4,7 +4,8 @@
   (``vocab.json`` + ``merges.txt`` [+ ``tokenizer_config.json``] or ``tokenizer.json``) with
   transformers and adds the CosyVoice special tokens (``<|endofprompt|>``, ``[breath]``,
   ``[laughter]``, ``<strong>`` ...). Their ids are read from the loaded tokenizer, never
-  hard-coded.
+  hard-coded. :meth:`QwenTextTokenizer.save` / :meth:`~QwenTextTokenizer.from_file` keep the
+  built tokenizer as one ``tokenizers`` file (loads without transformers).
 * :func:`normalize` implements the official ``CosyVoiceFrontEnd.text_normalize`` (CosyVoice 2,
   ``text_frontend=True``): Chinese rules (blanks, corner marks, brackets, punctuation) or English
   number spell-out (inflect), then :func:`split_paragraph` (max 80 / min 60 / merge 20 by
@@ -40,11 +41,15 @@ EOS_TOKEN = "<|endoftext|>"
 class QwenTextTokenizer:
     """Qwen2 byte-level BPE + CosyVoice special tokens; ``encode``/``decode`` as the official.
 
-    Use :meth:`from_dir` with the release's ``CosyVoice-BlankEN`` directory.
+    Wraps the ``tokenizers`` library's :class:`tokenizers.Tokenizer` (the fast tokenizer inside
+    transformers' ``Qwen2Tokenizer``; transformers adds nothing to it for this BPE). Build it with
+    :meth:`from_dir` from the release's ``CosyVoice-BlankEN`` directory (through transformers,
+    ~1.5 s CPU, as the official), or with :meth:`from_file` from a file :meth:`save` wrote (the
+    ``tokenizers`` library alone, ~20 ms; converted directories hold one, ``text_tokenizer.json``).
     """
 
-    def __init__(self, hf_tokenizer, skip_special_tokens: bool = True):
-        self.tokenizer = hf_tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer  # tokenizers.Tokenizer
         self.skip_special_tokens = skip_special_tokens
 
     @classmethod
@@ -72,16 +77,34 @@ class QwenTextTokenizer:
             raise TextError(f"could not load the tokenizer in {path}: {e}") from None
         tok.add_special_tokens({"eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
                                 "additional_special_tokens": list(COSYVOICE_SPECIAL_TOKENS)})
-        return cls(tok, skip_special_tokens)
+        backend = getattr(tok, "backend_tokenizer", None)
+        if backend is None:
+            raise TextError(f"{path}: transformers built a slow tokenizer ({type(tok).__name__}); install the "
+                            "tokenizers package (pip install tokenizers)")
+        return cls(backend, skip_special_tokens)
+
+    @classmethod
+    def from_file(cls, path: str | Path, skip_special_tokens: bool = True) -> "QwenTextTokenizer":
+        """Load a tokenizer :meth:`save` wrote (same ids and text as the :meth:`from_dir` it came from)."""
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)), skip_special_tokens)
+        except Exception as e:
+            raise TextError(f"could not load the tokenizer file {path}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        """Write the whole tokenizer (BPE, pre-tokenizer, special tokens) as one ``tokenizers`` JSON file."""
+        self.tokenizer.save(str(path))
 
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TextError(f"text must be a str, got {type(text).__name__}")
-        return list(self.tokenizer([text])["input_ids"][0])
+        return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool | None = None) -> str:
         skip = self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens
-        return self.tokenizer.batch_decode([[int(i) for i in ids]], skip_special_tokens=skip)[0]
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip)
 
     def byte_fallback_chars(self, text: str) -> list[str]:
         """The distinct characters of ``text`` this tokenizer can only spell as raw UTF-8 bytes
@@ -101,14 +124,13 @@ class QwenTextTokenizer:
     def _is_byte_fallback(self, ch: str) -> bool:
         # alone, a known character encodes to tokens each holding whole characters; an unknown one
         # to byte pieces, each of which decodes to an invalid (replacement) character
-        ids = self.tokenizer([ch], add_special_tokens=False)["input_ids"][0]
-        return any("\ufffd" in self.tokenizer.decode([i]) for i in ids) and ch != "\ufffd"
+        ids = self.tokenizer.encode(ch, add_special_tokens=False).ids
+        return any("\ufffd" in self.tokenizer.decode([i], skip_special_tokens=False) for i in ids) and ch != "\ufffd"
 
     def token_id(self, token: str) -> int:
         """Id of a (special) token string, read from the loaded vocabulary."""
-        i = self.tokenizer.convert_tokens_to_ids(token)
-        if i is None or (self.tokenizer.unk_token_id is not None and i == self.tokenizer.unk_token_id
-                         and token != self.tokenizer.unk_token):
+        i = self.tokenizer.token_to_id(token)
+        if i is None:
             raise TextError(f"token {token!r} is not in this tokenizer's vocabulary")
         return int(i)
 
@@ -118,10 +140,10 @@ class QwenTextTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return len(self.tokenizer)
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def __len__(self) -> int:
-        return len(self.tokenizer)
+        return self.vocab_size
 
 
 # ----------------------------------------------------------------------------------- rules

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..config import ModelConfig, StreamingConfig
 from ..errors import ConfigError, CosyVoiceError, InputWarning, TextError
-from ..frontend.text import QwenTextTokenizer, TextFrontend, is_blank, speaker_prompt
+from ..frontend.text import TextFrontend, is_blank, speaker_prompt
 from ..llm.generate import BistreamSession, GenerationError, LMGenerator, Request
 from ..flow.runtime import FlowPrompt
 from ..flow.sampling import SamplerConfig
@@ -143,7 +143,7 @@ class CosyVoice2:
         self.sample_rate = self.config.sample_rate
         self.model_dir = loaded.source_dir
         p = loaded.params
-        self.text_tokenizer = QwenTextTokenizer.from_dir(loaded.tokenizer_dir)
+        self.text_tokenizer = loaded.text_tokenizer()
         self.text = TextFrontend(self.text_tokenizer, use_wetext=use_wetext)
         self.speech_tokenizer = SpeechTokenizer(p["tokenizer"], self.config.tokenizer)
         self.speaker_encoder = SpeakerEncoder(p["speaker"], self.config.speaker)
