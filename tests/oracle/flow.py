@@ -200,8 +200,9 @@ def training_loss(inputs, dims=None, seed=0, streaming=False):
 
 
 @torch.no_grad()
-def timed_inference(inputs, dims=None, seed=0, streaming=False, finalize=True, repeats=3):
-    """Wall times (s) of ``repeats`` official ``inference`` calls (after one warm-up) and the mel."""
+def timed_inference(inputs, dims=None, seed=0, streaming=False, finalize=True, repeats=3, warmup=True):
+    """Wall times (s) of ``repeats`` official ``inference`` calls (after one warm-up call unless
+    ``warmup=False``: a caller interleaving single timed calls warms up once) and the mel."""
     import time
 
     flow = _build(dims, seed)
@@ -210,9 +211,9 @@ def timed_inference(inputs, dims=None, seed=0, streaming=False, finalize=True, r
     args = (token, torch.tensor([token.shape[1]]), ptoken, torch.tensor([ptoken.shape[1]]), pfeat,
             torch.tensor([pfeat.shape[1]]), emb)
     times = []
-    for i in range(repeats + 1):
+    for i in range(repeats + int(warmup)):
         t0 = time.perf_counter()
         feat, _ = flow.inference(*args, streaming=streaming, finalize=finalize)
-        if i:
+        if i or not warmup:
             times.append(time.perf_counter() - t0)
     return {"mel": to_np(feat), "times": np.array(times), "threads": np.array(torch.get_num_threads())}
