@@ -112,6 +112,17 @@ def _greedy_host(eos: int):
     return pick
 
 
+def _to_device_in_place(tree: dict) -> None:
+    """Replace every numpy leaf of a nested dict by a device array, dropping each host array as it
+    is placed (the caller owns ``tree``)."""
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            _to_device_in_place(v)
+        elif isinstance(v, np.ndarray):
+            tree[k] = jax.device_put(v)
+            del v
+
+
 class CosyVoice2:
     """The pipeline. Build it with :meth:`from_pretrained` (release or converted directory).
 
@@ -177,8 +188,20 @@ class CosyVoice2:
     def from_pretrained(cls, model_dir: str | Path, *, cache: bool = True, cache_dir: str | Path | None = None,
                         **kwargs) -> "CosyVoice2":
         """Load the official ``CosyVoice2-0.5B`` directory (converted once, then cached as an Orbax
-        checkpoint) or a directory written by ``cosyvoice2-jax convert``. ``kwargs`` go to ``__init__``."""
-        return cls(load_release(model_dir, cache=cache, cache_dir=cache_dir), **kwargs)
+        checkpoint) or a directory written by ``cosyvoice2-jax convert``. ``kwargs`` go to ``__init__``.
+
+        Memory: the restored host weights move to the device one array at a time, each host copy
+        dropped as soon as it is placed (the load holds one copy of the model plus one array, not
+        two copies), and freed host memory goes back to the OS at the end."""
+        from ..flow.streaming import trim_host_memory
+
+        loaded = load_release(model_dir, cache=cache, cache_dir=cache_dir)
+        if kwargs.get("mesh") is None:  # a mesh places (replicates) the weights itself
+            _to_device_in_place(loaded.params)
+        tts = cls(loaded, **kwargs)
+        del loaded
+        trim_host_memory()
+        return tts
 
     # ------------------------------------------------------------------------------- speakers
     def list_available_spks(self) -> list[str]:
