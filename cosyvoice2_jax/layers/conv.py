@@ -70,8 +70,11 @@ def fold_weight_norm(params: Mapping[str, Any]) -> dict[str, Any]:
             out[k] = v
     if "weight_g" in params and "weight_v" in params:
         g, v = params["weight_g"], params["weight_v"]
-        if isinstance(g, np.ndarray) and isinstance(v, np.ndarray):  # host params (conversion): numpy, no
-            axes = tuple(a for a in range(v.ndim) if g.shape[a] == 1)  # one XLA compile per conv shape
+        on_host = not any(isinstance(a, jax.core.Tracer) or (isinstance(a, jax.Array) and not a.is_fully_addressable)
+                          for a in (g, v))
+        if on_host:  # concrete params (load time): numpy on the host, not one XLA program per conv shape
+            g, v = np.asarray(g), np.asarray(v)
+            axes = tuple(a for a in range(v.ndim) if g.shape[a] == 1)
             g32, v32 = g.astype(np.float32), v.astype(np.float32)
             out["kernel"] = (g32 * v32 / np.sqrt(np.sum(v32 * v32, axis=axes, keepdims=True))).astype(v.dtype)
         else:
