@@ -286,3 +286,34 @@ def test_speaker_tag_prefix(tts, prompt):
     np.testing.assert_array_equal(zs.llm_prompt_speech, plain.llm_prompt_speech)
     with pytest.raises(ModeError, match="speaker_tag"):
         tts._inputs(SynthesisRequest("cross_lingual", "Hello there.", prompt, speaker_tag="B"))
+
+
+def test_to_device_in_place_moves_every_host_array_and_keeps_values():
+    """from_pretrained's load step: numpy leaves become device arrays in the same dict (so the host
+    copies can be freed one by one); values, dtypes and non-array leaves are unchanged."""
+    from cosyvoice2_jax.pipeline.model import _to_device_in_place
+
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    b = np.array([1, 2], np.int32)
+    tree = {"x": {"kernel": a.copy(), "bias": b.copy()}, "y": a.copy() * 2, "n": 3}
+    _to_device_in_place(tree)
+    assert isinstance(tree["x"]["kernel"], jax.Array) and isinstance(tree["y"], jax.Array)
+    assert isinstance(tree["x"]["bias"], jax.Array) and tree["x"]["bias"].dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(tree["x"]["kernel"]), a)
+    np.testing.assert_array_equal(np.asarray(tree["y"]), a * 2)
+    assert tree["n"] == 3
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40 + 3])
+def test_call_keys_equal_the_eager_derivation(seed):
+    """The pipeline derives its per-call keys with three small jitted programs; they must equal the
+    eager ``jax.random`` ops they replace (same seeds, same audio as before)."""
+    from cosyvoice2_jax.pipeline.model import _call_key, _fold_in, _split2
+
+    for n in (0, 1, 5):
+        ref = jax.random.fold_in(jax.random.PRNGKey(seed), n)
+        key = _call_key(seed, n)
+        np.testing.assert_array_equal(np.asarray(key), np.asarray(ref))
+        np.testing.assert_array_equal(np.asarray(_fold_in(key, 2)), np.asarray(jax.random.fold_in(ref, 2)))
+        for a, b in zip(_split2(key), jax.random.split(ref)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -252,7 +252,6 @@ def _solve_packed(params, tokens, in_len, out_len, prompt_mel_len, prompt_feat, 
     return sampling.sample_arrays(estimate, z, structure, arrays)[0]
 
 
-_guidance_arrays = functools.lru_cache(maxsize=64)(sampling.guidance_arrays)  # host-side, per sampler
 
 
 def resolve_sampler(cfg: FlowConfig, sampler: "sampling.SamplerConfig | None" = None, *,
@@ -346,7 +345,7 @@ def inference_batch(params: dict, cfg: FlowConfig, token: np.ndarray, token_len:
     put = place or jnp.asarray
     mel = _solve_packed(params, put(packed), put(total.astype(np.int32)), put(out_tok.astype(np.int32)),
                         put(pfl.astype(np.int32)), put(feat), put(np.asarray(embedding, np.float32)), put(z),
-                        _guidance_arrays(smp), cfg=dataclasses.replace(cfg, sampler=None),
+                        sampling.cached_guidance_arrays(smp), cfg=dataclasses.replace(cfg, sampler=None),
                         streaming=bool(streaming), structure=smp.structure)
     mel = np.asarray(mel)
     ends = cfg.token_mel_ratio * out_tok

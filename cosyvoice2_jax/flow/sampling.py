@@ -34,6 +34,7 @@ configs of the same structure in one compiled program, ``vmap`` over the config 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -425,9 +426,16 @@ def guidance_arrays(sampler: SamplerConfig) -> dict[str, Array]:
     """The per-config arrays of a sampler (what :func:`sweep` vmaps over): ``ts (steps+1,)``,
     ``w (steps,)`` per-step CFG weight, ``interval (2,)``, ``zero_steps ()`` int32."""
     w = sampler.cfg_schedule or (sampler.cfg_rate,) * sampler.steps
-    return {"ts": sampler.time_grid(), "w": jnp.asarray(w, jnp.float32),
-            "interval": jnp.asarray(sampler.cfg_interval, jnp.float32),
-            "zero_steps": jnp.asarray(sampler.zero_steps, jnp.int32)}
+    # host arrays where no arithmetic is involved (the values are the config's, rounded to float32 as
+    # before): an eager jnp.asarray is one more small XLA program per process
+    return {"ts": sampler.time_grid(), "w": np.asarray(w, np.float32),
+            "interval": np.asarray(sampler.cfg_interval, np.float32),
+            "zero_steps": np.asarray(sampler.zero_steps, np.int32)}
+
+
+# the arrays of one sampler, computed once per process (each eager op is one small XLA program, a compile
+# or a cache read in a new process); jax arrays are immutable, so callers share them
+cached_guidance_arrays = functools.lru_cache(maxsize=64)(guidance_arrays)
 
 
 def guided_velocity(estimate: Estimate, arrays: Mapping[str, Array], guidance: str, stages: int,
@@ -435,7 +443,7 @@ def guided_velocity(estimate: Estimate, arrays: Mapping[str, Array], guidance: s
     """The velocity of ``guidance`` (``cfg``, ``cfg_zero_star``, ``none``) from the per-config
     ``arrays`` (:func:`guidance_arrays`); step index ``i = k // stages``. ``gated=False`` leaves out
     the t-interval and zero-init selects (valid when the config has neither)."""
-    w_all, (lo, hi), z = arrays["w"], arrays["interval"], arrays["zero_steps"]
+    w_all, z, interval = (jnp.asarray(arrays[k]) for k in ("w", "zero_steps", "interval"))
 
     def velocity(x, t, k, state):
         i = k // stages
@@ -444,7 +452,7 @@ def guided_velocity(estimate: Estimate, arrays: Mapping[str, Array], guidance: s
         else:
             vr, state = estimate(jnp.concatenate([x, x], axis=0), t, k, state)
             vc, vu = jnp.split(vr, 2, axis=0)
-            w = jnp.where((t >= lo) & (t <= hi), w_all[i], jnp.float32(0.0)) if gated else w_all[i]
+            w = jnp.where((t >= interval[0]) & (t <= interval[1]), w_all[i], jnp.float32(0.0)) if gated else w_all[i]
             if guidance == "cfg_zero_star":
                 vu = vu * optimized_scale(vc, vu)
             v = (1.0 + w) * vc - w * vu

@@ -223,6 +223,17 @@ def _pos_tables(params, tables, *, cfg: FlowConfig, tokens: int):
     return model.apply({"params": params}, tokens, tables, method=model.pos_tables)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "frames", "n_evals", "rows", "dtype", "cache_dtype"))
+def _zero_state(*, cfg: FlowConfig, frames: int, n_evals: int, rows: int, dtype: str, cache_dtype: str) -> dict:
+    """Zero encoder and estimator caches of one tier, as one program (eager ``jnp.zeros`` would be one
+    program per distinct leaf shape). K/V in ``cache_dtype``, conv tails in ``dtype``."""
+    def kv_dtype(tree):
+        return jax.tree.map(lambda x: KV(x.k.astype(cache_dtype), x.v.astype(cache_dtype)) if isinstance(x, KV) else x,
+                            tree, is_leaf=lambda x: isinstance(x, KV))
+    return {"enc": kv_dtype(init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, dtype)),
+            "dec": kv_dtype(init_decoder_cache(cfg.decoder, (n_evals,), rows, frames, dtype))}
+
+
 @aot.jit(name="flow_stream_speaker", static_argnames=("cfg",))
 def _speaker(params, embedding, *, cfg: FlowConfig):
     model = CausalMaskedDiffWithXvec(cfg)
@@ -303,7 +314,7 @@ class FlowStreamer:
                               "flow_cache=False (the recompute path)")
         # one estimator cache per velocity evaluation and estimator row (no guidance: 1 row, half the memory)
         self.n_evals, self.rows = sampling.n_evals(self.sampler), sampling.rows(self.sampler)
-        self.arrays = sampling.guidance_arrays(self.sampler)
+        self.arrays = sampling.cached_guidance_arrays(self.sampler)
         self.cfg = cfg = dataclasses.replace(cfg, sampler=None)  # jit key: the sampler enters by structure only
         self.dtype = compute_dtype(cfg)
         try:
@@ -326,12 +337,9 @@ class FlowStreamer:
 
     # ---- helpers
     def _zero_caches(self, spk: Array, cond: Array, frames: int) -> StreamCaches:
-        cfg = self.cfg
-        kv_dtype = functools.partial(jax.tree.map, lambda x: KV(x.k.astype(self.cache_dtype), x.v.astype(self.cache_dtype))
-                                     if isinstance(x, KV) else x, is_leaf=lambda x: isinstance(x, KV))
-        return StreamCaches(spk=spk, cond=cond,
-                            enc=kv_dtype(init_encoder_cache(cfg.encoder, 1, frames // cfg.token_mel_ratio, self.dtype)),
-                            dec=kv_dtype(init_decoder_cache(cfg.decoder, (self.n_evals,), self.rows, frames, self.dtype)))
+        zeros = _zero_state(cfg=self.cfg, frames=frames, n_evals=self.n_evals, rows=self.rows,
+                            dtype=jnp.dtype(self.dtype).name, cache_dtype=jnp.dtype(self.cache_dtype).name)
+        return StreamCaches(spk=spk, cond=cond, enc=zeros["enc"], dec=zeros["dec"])
 
     def cache_bytes(self, frames: int) -> int:
         """Device bytes of one stream's caches at a capacity of ``frames`` mel frames (no compute)."""
@@ -471,9 +479,10 @@ class FlowStreamer:
                                 caches=None, prompt=(prompt_feat, embedding))
         if not self._within_budget(frames):  # memory budget: recompute path from the start
             return state
-        cond = jnp.zeros((self.max_frames, cfg.output_size), jnp.float32).at[: prompt_feat.shape[0]].set(prompt_feat)
-        spk = _speaker(self.params, jnp.asarray(embedding)[None], cfg=cfg)[0]
-        return state._replace(caches=self._zero_caches(spk, cond, frames))
+        cond = np.zeros((self.max_frames, cfg.output_size), np.float32)  # built on the host: no eager device
+        cond[: prompt_feat.shape[0]] = prompt_feat                         # programs (each one is a compile or
+        spk = _speaker(self.params, embedding[None], cfg=cfg)[0]           # a cache read in a new process)
+        return state._replace(caches=self._zero_caches(spk, jnp.asarray(cond), frames))
 
     def push(self, state: FlowStreamState, tokens: np.ndarray, finalize: bool) -> tuple[FlowStreamState, np.ndarray]:
         """Add ``tokens`` (all new speech tokens) and return the new mel frames ``(F, n_mels)``."""

@@ -112,6 +112,13 @@ def _greedy_host(eos: int):
     return pick
 
 
+# per-call PRNG keys as three small programs (eager jax.random ops are one program each, and every
+# program is a compile or a cache read in a new process); same keys as the eager ops
+_call_key = jax.jit(lambda seed, n: jax.random.fold_in(jax.random.PRNGKey(seed), n), static_argnums=0)
+_fold_in = jax.jit(jax.random.fold_in)
+_split2 = jax.jit(lambda key: tuple(jax.random.split(key)))
+
+
 def _to_device_in_place(tree: dict) -> None:
     """Replace every numpy leaf of a nested dict by a device array, dropping each host array as it
     is placed (the caller owns ``tree``)."""
@@ -242,7 +249,7 @@ class CosyVoice2:
     def _key(self, key):
         if key is not None:
             return key
-        return jax.random.fold_in(jax.random.PRNGKey(self._seed), next(self._calls))
+        return _call_key(self._seed, next(self._calls))
 
     def _speaker(self, spk_id: str) -> dict[str, np.ndarray]:
         if spk_id not in self.spk2info:
@@ -329,7 +336,7 @@ class CosyVoice2:
     def tts(self, mi: ModelInput, *, stream: bool = False, speed: float = 1.0, key=None) -> Iterator[dict]:
         """One segment: LM (or the vc source tokens) -> flow -> HiFT; yields ``{'tts_speech': (1, N)}``."""
         key = self._key(key)
-        k_lm, k_voc = jax.random.split(key)
+        k_lm, k_voc = _split2(key)
         check_speed(speed)
         if stream and speed != 1.0:
             raise ConfigError("speed change only works with stream=False (as the official); drop --speed or --stream")
@@ -397,7 +404,7 @@ class CosyVoice2:
     def _run(self, r: SynthesisRequest, stream: bool) -> Iterator[dict]:
         key = self._key(r.key)
         for i, mi in enumerate(self._inputs(r)):
-            yield from self.tts(mi, stream=stream, speed=r.speed, key=jax.random.fold_in(key, i))
+            yield from self.tts(mi, stream=stream, speed=r.speed, key=_fold_in(key, i))
 
     def inference_sft(self, tts_text, spk_id: str, stream: bool = False, speed: float = 1.0,
                       text_frontend: bool = True, key=None, speaker_tag: Optional[str] = None) -> Iterator[dict]:
@@ -448,7 +455,7 @@ class CosyVoice2:
         for ri, r in enumerate(requests):
             key = self._key(r.key)
             for si, mi in enumerate(self._inputs(r)):
-                k_lm, k_voc = jax.random.split(jax.random.fold_in(key, si))
+                k_lm, k_voc = _split2(_fold_in(key, si))
                 rows.append((ri, mi, (k_lm, k_voc), r.speed))
         lm_rows = [i for i, (_, mi, _, _) in enumerate(rows) if mi.source_speech is None]
         tokens: dict[int, list[int]] = {}
