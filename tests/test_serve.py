@@ -551,12 +551,12 @@ def test_timed_out_streams_stop_and_sigterm_exits_0(env):
             assert h["active_streams"], h
             t0 = time.time()
             s.proc.send_signal(signal.SIGTERM)
-            log = _assert_clean_exit(s, t0, bound=40)
-            for f in futs:
-                f.result()
+            _assert_clean_exit(s, t0, bound=40)  # exit 0 in time, no abort / traceback in the log
+            for f in futs:  # every round-2 stream ended: 200 (cut short), 504, or the connection closed
+                code, _ = f.result()
+                assert code in (200, 504) or "Error" in str(code), code
     finally:
         s.stop()
-    assert "Shutting down" in log
 
 
 def test_sigterm_with_a_session_open_exits_0(quick_server, quick):
