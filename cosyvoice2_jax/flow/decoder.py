@@ -42,6 +42,7 @@ import jax.numpy as jnp
 
 from ..config import FlowDecoderConfig
 from ..errors import ConfigError
+from ..layers.activations import gelu, mish
 from ..layers.attention import KV, DiffusersAttention, Window, torch_linear
 from ..layers.conv import Conv1d, causal_conv
 from ..layers.remat import remat_policy
@@ -49,10 +50,6 @@ from ..layers.masks import attention_mask
 from ..layers.positional import sinusoidal_time_emb
 
 Array = jax.Array
-
-
-def mish(x: Array) -> Array:
-    return x * jnp.tanh(jax.nn.softplus(x))
 
 
 def _ln(name: str | None = None) -> nn.LayerNorm:
@@ -116,7 +113,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        h = jax.nn.gelu(torch_linear(self.dim * self.mult, name="net_0_proj", dtype=self.dtype)(x), approximate=False)
+        h = gelu(torch_linear(self.dim * self.mult, name="net_0_proj", dtype=self.dtype)(x))
         return torch_linear(self.dim, name="net_2", dtype=self.dtype)(h)
 
 

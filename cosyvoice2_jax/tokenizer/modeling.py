@@ -26,10 +26,9 @@ import jax
 import jax.numpy as jnp
 
 from ..config import TokenizerConfig
+from ..layers.activations import gelu
 from ..layers.rope import apply_rope, rope_cos_sin
 from .fsq import FSQCodebook
-
-_gelu = lambda x: jax.nn.gelu(x, approximate=False)  # noqa: E731  torch.nn.GELU() default (erf)
 
 
 def conv_out_len(lengths, kernel: int = 3, stride: int = 2, pad: int = 1):
@@ -94,7 +93,7 @@ class ResidualAttentionBlock(nn.Module):
                                                name="attn")(y, mask_bs)
         y = nn.LayerNorm(epsilon=1e-5, name="mlp_ln")(x_bsd)
         y = nn.Dense(4 * d, name="mlp_0")(y)
-        y = nn.Dense(d, name="mlp_2")(_gelu(y))
+        y = nn.Dense(d, name="mlp_2")(gelu(y))
         return x_bsd + y
 
 
@@ -112,10 +111,10 @@ class AudioEncoderV2(nn.Module):
         c = self.config
         d = c.n_audio_state
         x = mel_bfc * length_mask(lengths_b, mel_bfc.shape[1])[..., None]
-        x = _gelu(nn.Conv(d, (3,), strides=(2,), padding=[(1, 1)], name="conv1")(x))
+        x = gelu(nn.Conv(d, (3,), strides=(2,), padding=[(1, 1)], name="conv1")(x))
         lengths_b = conv_out_len(lengths_b)
         x = x * length_mask(lengths_b, x.shape[1])[..., None]
-        x = _gelu(nn.Conv(d, (3,), strides=(2,), padding=[(1, 1)], name="conv2")(x))
+        x = gelu(nn.Conv(d, (3,), strides=(2,), padding=[(1, 1)], name="conv2")(x))
         lengths_b = conv_out_len(lengths_b)
         mask = length_mask(lengths_b, x.shape[1])
         for i in range(c.n_audio_layer):

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..layers.attention import _masked_softmax_attend
-from ..tokenizer.modeling import _gelu
+from ..layers.activations import gelu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Attention(nn.Module):
     def attend(self, x, k, v, mask):
         q = self.split(self.q_proj(x))
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (q.shape[-1] ** -0.5)
-        out = _masked_softmax_attend(scores, jnp.transpose(v, (0, 2, 1, 3)), mask, fill="inf")
+        out = _masked_softmax_attend(scores, jnp.transpose(v, (0, 2, 1, 3)), mask)
         return self.out_proj(out)
 
     def __call__(self, x, src=None, mask=None):
@@ -128,7 +128,7 @@ class EncoderLayer(nn.Module):
         x = x + Attention(self.d_model, self.heads, name="self_attn")(
             nn.LayerNorm(1e-5, name="self_attn_layer_norm")(x))
         y = nn.LayerNorm(1e-5, name="final_layer_norm")(x)
-        return x + nn.Dense(self.d_model, name="fc2")(_gelu(nn.Dense(self.ffn, name="fc1")(y)))
+        return x + nn.Dense(self.d_model, name="fc2")(gelu(nn.Dense(self.ffn, name="fc1")(y)))
 
 
 class DecoderLayer(nn.Module):
@@ -160,7 +160,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn.attend(y, kk, vv, self_mask)
         x = x + self.encoder_attn.attend(self.encoder_attn_layer_norm(x), cross_kv[0], cross_kv[1], None)
         y = self.final_layer_norm(x)
-        return x + self.fc2(_gelu(self.fc1(y))), (k, v)
+        return x + self.fc2(gelu(self.fc1(y))), (k, v)
 
 
 class Whisper(nn.Module):
@@ -196,8 +196,8 @@ class Whisper(nn.Module):
         if mel_bfc.shape[1] != c.n_frames or mel_bfc.shape[2] != c.num_mel_bins:
             raise ConfigError(f"Whisper encoder input must be (B, {c.n_frames}, {c.num_mel_bins}) log-mel frames "
                               f"(pad/trim the audio to {c.n_frames // 100} s), got {tuple(mel_bfc.shape)}")
-        x = _gelu(self.conv1(mel_bfc))
-        x = _gelu(self.conv2(x))
+        x = gelu(self.conv1(mel_bfc))
+        x = gelu(self.conv2(x))
         x = x + self.encoder_positions[None].astype(x.dtype)
         for layer in self.encoder_layers:
             x = layer(x)
