@@ -44,7 +44,7 @@ def tok(oracle, real_wavs):
     params = tparams.from_torch_state_dict(sd, CFG)
     feats = oracle("tokenizer:real_mels", paths=[str(p) for p in real_wavs])
     mels = [feats[f"mel{i}"].T for i in range(len(real_wavs))]  # (F, 128)
-    return {"sd": sd, "params": params, "mels": mels, "tokenizer": SpeechTokenizer(params, CFG)}
+    return {"sd": sd, "params": params, "mels": mels, "tokenizer": SpeechTokenizer(params, CFG, frame_bucket=500)}  # 5 s groups: padded mixed rows
 
 
 def _pad(mels, frames=None):
