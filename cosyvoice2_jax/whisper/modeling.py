@@ -13,7 +13,7 @@ directory loads with a declarative rule table (:mod:`.params`). Shapes (B batch,
 Attention as HF ``WhisperAttention``: ``q_proj``/``v_proj``/``out_proj`` with bias, ``k_proj``
 without, scores ``q k^T / sqrt(head_dim)``. The S3 tokenizer's encoder (:mod:`..tokenizer.modeling`)
 is Whisper-shaped too, but its blocks use RoPE and an FSMN memory and it has no final LayerNorm,
-so only its exact-GELU helper is shared here; the softmax-attend is the project's
+so only the exact GELU (:func:`..layers.activations.gelu`) is shared; the softmax-attend is the project's
 :func:`..layers.attention._masked_softmax_attend`.
 
 Decoding (:class:`.runtime.WhisperASR`) runs the decoder one position at a time on a
