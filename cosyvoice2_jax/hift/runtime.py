@@ -20,18 +20,22 @@ class Vocoder:
     """HiFT with frame-bucketed shapes (one compile per bucket and cache size) and the noise source.
 
     ``params``: HiFT params, weight norm kept (``from_release``) or already folded; they are folded
-    here. Source noise is drawn per row in blocks of ``frame_bucket`` frames (block ``i`` from
-    ``fold_in(key_row, i)``), so a row's audio does not depend on the batch it runs in or on its
-    padding. ``noise_fn(batch, samples)`` overrides it (tests inject the official draws). With a
-    ``mesh`` the params are replicated and the rows split over its batch axes.
+    here. Rows are zero-padded to a multiple of ``frame_bucket`` frames (default 50 = 1 s). Source
+    noise is drawn per row in blocks of ``NOISE_BLOCK`` frames (block ``i`` from
+    ``fold_in(key_row, i)``) and cut to the padded length, so a row's audio does not depend on the
+    batch it runs in, on its padding or on ``frame_bucket``. ``noise_fn(batch, samples)`` overrides
+    it (tests inject the official draws). With a ``mesh`` the params are replicated and the rows
+    split over its batch axes.
     """
 
-    def __init__(self, cfg: HiFTConfig, params, *, frame_bucket: int = 100, noise_fn: Optional[NoiseFn] = None,
+    NOISE_BLOCK = 100  # frames per noise draw (fixed: a seeded row's audio stays the same)
+
+    def __init__(self, cfg: HiFTConfig, params, *, frame_bucket: int = 50, noise_fn: Optional[NoiseFn] = None,
                  mesh=None):
         self.cfg, self.frame_bucket, self.noise_fn, self.mesh = cfg, frame_bucket, noise_fn, mesh
         self.params = sharding.place_replicated(fold_weight_norm(params), mesh)
         self._run = make_inference_fn(cfg)
-        block = (frame_bucket * cfg.hop_size, cfg.nb_harmonics + 1)
+        block = (self.NOISE_BLOCK * cfg.hop_size, cfg.nb_harmonics + 1)
 
         def draw(key, n_blocks: int):
             ks = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n_blocks))
@@ -42,7 +46,8 @@ class Vocoder:
     def noise(self, keys, frames_padded: int) -> np.ndarray:
         if self.noise_fn is not None:
             return np.asarray(self.noise_fn(len(keys), frames_padded * self.cfg.hop_size), np.float32)
-        return self._draw(jnp.stack(list(keys)), frames_padded // self.frame_bucket)
+        n_blocks = -(-frames_padded // self.NOISE_BLOCK)
+        return self._draw(jnp.stack(list(keys)), n_blocks)[:, : frames_padded * self.cfg.hop_size]
 
     def __call__(self, mels: list[np.ndarray], keys, cache_source: Optional[np.ndarray] = None
                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
