@@ -12,7 +12,10 @@ count, thread settings and the versions. Sections:
 
 * ``modes``: every mode (sft, zero_shot, cross_lingual, instruct2, vc), offline (seconds per call)
   and streaming (first chunk, whole stream); medians of ``--repeats`` after one warm-up pass
-  (ours: compile time reported as ``ours_warmup_s``; official: model build).
+  (ours: compile time reported as ``ours_warmup_s``; official: model build). Each call runs on both
+  sides back to back, the side that goes first alternating per repeat, so the drift of a shared
+  machine falls on both alike; ``pair_ratios_ours_over_official`` is the median over repeats of
+  ours / official within a repeat (the markdown shows it as "per pair").
 * ``vc_chunks``: per-chunk seconds of a streaming ``inference_vc`` of a ``--source-seconds``
   utterance (the tokens are all known, so a chunk costs token2wav alone: our cached flow vs the
   official re-run from token 0).
@@ -24,7 +27,8 @@ count, thread settings and the versions. Sections:
   ``bench_flow_stream.py``; full size, random weights of their own; see each script).
 
 Prints the JSON; ``--json``/``--md`` also write it and a markdown table (the README's table).
-Memory: ours and the official never hold a model at the same time (ours is freed first).
+Memory: the warm sections hold ours (this process) and the official (the oracle process) at once;
+the fresh-process rows measure each side alone.
 """
 from __future__ import annotations
 
@@ -204,12 +208,14 @@ def markdown(res: dict) -> str:
 
     rows = ["| call | official | ours (warm) | ratio |", "|---|---|---|---|"]
     off = res.get("official", {}).get("modes", {})
+    pairs = res.get("pair_ratios_ours_over_official", {})
     for mode, o in res.get("ours", {}).get("modes", {}).items():
         f = off.get(mode, {})
         for key, what in (("offline_s", "offline"), ("stream_first_s", "streaming: first chunk"),
                           ("stream_total_s", "streaming: whole")):
+            pr = pairs.get(f"{mode}.{key}")
             rows.append(f"| `inference_{mode}`, {what} | {fmt(f.get(key))} | {fmt(o[key])} | "
-                        f"{ratio(o[key], f.get(key))} |")
+                        f"{ratio(o[key], f.get(key))}{'' if pr is None else f' (per pair {pr:.2f})'} |")
     vo, vf = res.get("ours", {}).get("vc_chunks"), res.get("official", {}).get("vc_chunks")
     if vo:
         n = len(vo["chunk_s"])
@@ -283,7 +289,7 @@ def main() -> int:
     if args.fresh_only:
         return _report(args, res, fresh_only=True)
 
-    # ---- ours, warm (one process)
+    # ---- both sides warm, timed in alternating pairs (ours in this process, the official in the oracle's)
     t = time.perf_counter()
     tts = _load_ours(args.model_dir, noise)
     res["ours"] = {"load_s": round(time.perf_counter() - t, 2),
@@ -295,47 +301,69 @@ def main() -> int:
         _timed(_ours_call(tts, m, args.text, prompt, vc_source, s, spk_id))
     _timed(tts.inference_vc(source, prompt, stream=True))
     res["ours"]["warmup_s"] = round(time.perf_counter() - t, 2)
-    runs, chunks = {c: [] for c in calls}, []
-    for _ in range(args.repeats):  # alternate calls inside each repeat
-        for m, s in calls:
-            runs[(m, s)].append(_timed(_ours_call(tts, m, args.text, prompt, vc_source, s, spk_id)))
-        chunks.append(np.diff([0.0] + _timed(tts.inference_vc(source, prompt, stream=True))))
-    res["ours"]["modes"] = _summary(runs)
-    och = np.median(np.array(chunks), axis=0)
-    res["ours"]["vc_chunks"] = {"chunk_s": [round(float(x), 3) for x in och], "median_chunk_s": _med(och),
-                                "last_chunk_s": round(float(och[-1]), 3)}
-    del tts
-    gc.collect()
 
-    # ---- official, warm (the oracle process)
     inputs = {"prompt_wav_16k": prompt, "source_wav_16k": vc_source, "hift_noise": noise}
     vc_inputs = dict(inputs, source_wav_16k=source)
+    o = None
     if not args.skip_official:
         from oracle_client import Oracle
 
         o = Oracle()
-        try:
-            def official(m, s, reps, inp=inputs):
-                r = o("bench_e2e:timed_tts", inp, model_dir=str(args.model_dir), mode=m, tts_text=args.text,
-                      prompt_text=PROMPT_TEXT, instruct_text=INSTRUCT, spk_id=spk_id, stream=s, repeats=reps)
-                return [list(map(float, r[f"t_{i}"])) for i in range(reps)]
 
+    def official(m, s, inp=inputs):
+        r = o("bench_e2e:timed_tts", inp, model_dir=str(args.model_dir), mode=m, tts_text=args.text,
+              prompt_text=PROMPT_TEXT, instruct_text=INSTRUCT, spk_id=spk_id, stream=s, repeats=1)
+        return list(map(float, r["t_0"]))
+
+    runs, chunks = {c: [] for c in calls}, []
+    oruns, ochunks = {c: [] for c in calls}, []
+    try:
+        if o is not None:
             t = time.perf_counter()
             for m, s in calls:
-                official(m, s, 1)
-            official("vc", True, 1, vc_inputs)
+                official(m, s)
+            official("vc", True, vc_inputs)
             res["official"] = {"warmup_s": round(time.perf_counter() - t, 2)}
-            oruns, ochunks = {c: [] for c in calls}, []
-            for _ in range(args.repeats):
-                for m, s in calls:
-                    oruns[(m, s)] += official(m, s, 1)
-                ochunks.append(np.diff([0.0] + official("vc", True, 1, vc_inputs)[0]))
-        finally:
+        for r in range(args.repeats):
+            # each call runs on both sides back to back, the side that goes first alternating per
+            # repeat, so that the drift of a shared machine falls on both alike
+            for m, s in calls + [("vc_long", True)]:
+                def ours_once(m=m, s=s):
+                    if m == "vc_long":
+                        chunks.append(np.diff([0.0] + _timed(tts.inference_vc(source, prompt, stream=True))))
+                    else:
+                        runs[(m, s)].append(_timed(_ours_call(tts, m, args.text, prompt, vc_source, s, spk_id)))
+
+                def official_once(m=m, s=s):
+                    if m == "vc_long":
+                        ochunks.append(np.diff([0.0] + official("vc", True, vc_inputs)))
+                    else:
+                        oruns[(m, s)].append(official(m, s))
+
+                sides = [ours_once] + ([official_once] if o is not None else [])
+                for f in (sides if r % 2 == 0 else sides[::-1]):
+                    f()
+    finally:
+        if o is not None:
             o.close()
+    res["ours"]["modes"] = _summary(runs)
+    och = np.median(np.array(chunks), axis=0)
+    res["ours"]["vc_chunks"] = {"chunk_s": [round(float(x), 3) for x in och], "median_chunk_s": _med(och),
+                                "last_chunk_s": round(float(och[-1]), 3)}
+    tts = None  # ours is freed before the fresh-process measurements
+    gc.collect()
+
+    if o is not None:
         res["official"]["modes"] = _summary(oruns)
         fch = np.median(np.array(ochunks), axis=0)
         res["official"]["vc_chunks"] = {"chunk_s": [round(float(x), 3) for x in fch], "median_chunk_s": _med(fch),
                                         "last_chunk_s": round(float(fch[-1]), 3)}
+        pairs = {}  # median over repeats of ours / official of the same repeat
+        for m, s in calls:
+            for k, idx in ((("stream_first_s", 0), ("stream_total_s", -1)) if s else (("offline_s", -1),)):
+                per_repeat = [a[idx] / b[idx] for a, b in zip(runs[(m, s)], oruns[(m, s)])]
+                pairs[f"{m}.{k}"] = round(statistics.median(per_repeat), 3)
+        res["pair_ratios_ours_over_official"] = pairs
         ratios = {}
         for m in modes:
             for k in ("offline_s", "stream_first_s", "stream_total_s"):
