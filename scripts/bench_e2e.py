@@ -64,7 +64,9 @@ def _speechlike(seconds: float, seed: int = 0) -> np.ndarray:
 
 
 def _noise(seconds: float) -> np.ndarray:
-    return np.random.default_rng(0).standard_normal((24000 * int(seconds + 20), 9)).astype(np.float32)
+    """HiFT source noise shared by both sides, long enough for ``seconds`` of source plus the longest
+    synthesis a random LM runs to (its length limit: 24 s on the tiny release's long text)."""
+    return np.random.default_rng(0).standard_normal((24000 * int(seconds + 60), 9)).astype(np.float32)
 
 
 def _med(xs) -> float:

@@ -269,7 +269,12 @@ def test_bench_e2e_smoke(release, tmp_path):
             m = res[side]["modes"][mode]
             assert 0 < m["stream_first_s"] <= m["stream_total_s"] and m["offline_s"] > 0
         assert len(res[side]["vc_chunks"]["chunk_s"]) >= 2
+    pairs = res["pair_ratios_ours_over_official"]
+    assert set(pairs) == {f"{m}.{k}" for m in ("zero_shot", "vc") for k in ("offline_s", "stream_first_s",
+                                                                             "stream_total_s")}
+    assert all(v > 0 for v in pairs.values())
     assert len(res["fresh"]["ours"]) == 2 and res["fresh"]["official"]["peak_rss_gb"] > 0
     assert all(r["first_chunk_from_start_s"] > r["load_s"] > 0 for r in res["fresh"]["ours"])
     md = (tmp_path / "b.md").read_text()
     assert "`inference_vc`, streaming: first chunk" in md and "peak RSS" in md and "Load average" in md
+    assert "(per pair " in md
