@@ -58,10 +58,10 @@ def folder() -> Path | None:
 
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """SHA-256 over this package's ``.py`` files (path and bytes): any code change gives new keys."""
+    """SHA-256 over this package's ``.py`` and ``.cc`` files (path and bytes): any code change gives new keys."""
     root = Path(__file__).resolve().parent
     h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
+    for p in sorted([*root.rglob("*.py"), *root.rglob("*.cc")]):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     return h.hexdigest()
@@ -71,10 +71,14 @@ def code_fingerprint() -> str:
 def _environment() -> str:
     import jaxlib
 
+    from .layers import native
+
     dev = jax.devices()[0]
+    # the attention backend decides whether programs call the native kernel (and registers it
+    # before a cached program that calls it is loaded)
     return repr((_FORMAT, code_fingerprint(), jax.__version__, jaxlib.__version__, dev.platform,
                  getattr(dev, "device_kind", ""), bool(jax.config.jax_enable_x64),
-                 str(jax.config.jax_default_matmul_precision)))
+                 str(jax.config.jax_default_matmul_precision), native.attention_backend()))
 
 
 def _stable_repr(x: Any) -> str | None:
@@ -174,7 +178,11 @@ class ExportedJit:
                 out, holder["tree"] = jax.tree.flatten(self.fun(**kw))
                 return out
 
-            exp = jax.export.export(jax.jit(flat))(*avals)
+            from .layers import native
+
+            # the native kernel's custom call is ours, not one of jax's stable targets
+            checks = [jax.export.DisabledSafetyCheck.custom_call(native.ATTENTION_TARGET)]
+            exp = jax.export.export(jax.jit(flat), disabled_checks=checks)(*avals)
             out_tree = holder["tree"]
             _write_atomic(path, pickle.dumps({"exported": bytes(exp.serialize()), "out_tree": out_tree}))
             for stale in _dir.glob(f"{self.name}-*{SUFFIX}"):  # programs of other code versions

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import native
+
 Array = jax.Array
 
 
@@ -90,10 +92,53 @@ def _dot_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
     """diffusers attention: ``q (B, Tq, H, d)``, ``k, v (B, Tk, H, d)``, bool ``mask (B|1, Tq|1, Tk)``
     -> ``(B, Tq, H*d)``; masked keys get ``-1e10`` added (the official ``mask_to_bias``).
 
+    On CPU, for float32 and ``d = 64`` (the flow decoder), the forward pass runs the fused native
+    kernel (:mod:`.native`; the scores never go to memory) when it is built; other platforms,
+    dtypes and head sizes, and every gradient, use :func:`_xla_dot_attention`. Both compute the
+    same float32 arithmetic; they differ by rounding only.
+    """
+    B, Tq, H, d = q.shape
+    Tk = k.shape[1]
+    if (d != native.HEAD_SIZE or any(a.dtype != jnp.float32 for a in (q, k, v))
+            or native.attention_backend() != "native"):
+        return _xla_dot_attention(q, k, v, mask)
+    if mask is None:
+        mask = jnp.ones((1, 1, Tk), bool)
+    elif (mask.ndim != 3 or mask.shape[0] not in (1, B) or mask.shape[1] not in (1, Tq)
+          or mask.shape[2] != Tk):
+        mask = jnp.broadcast_to(mask, (B, Tq, Tk))
+    mask = mask.astype(bool)
+    return lax.platform_dependent(q, k, v, mask, cpu=_native_dot_attention, default=_xla_dot_attention)
+
+
+@jax.custom_vjp
+def _native_dot_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+    B, Tq, H, d = q.shape
+    return native.fused_attention(q, k, v, mask).reshape(B, Tq, H * d)
+
+
+def _native_fwd(q, k, v, mask):
+    return _native_dot_attention(q, k, v, mask), (q, k, v, mask)
+
+
+def _native_bwd(res, g):
+    q, k, v, mask = res
+    _, vjp = jax.vjp(lambda q, k, v: _xla_dot_attention(q, k, v, mask), q, k, v)
+    return (*vjp(g), None)
+
+
+_native_dot_attention.defvjp(_native_fwd, _native_bwd)
+
+
+def _xla_dot_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+    """diffusers attention: ``q (B, Tq, H, d)``, ``k, v (B, Tk, H, d)``, bool ``mask (B|1, Tq|1, Tk)``
+    -> ``(B, Tq, H*d)``; masked keys get ``-1e10`` added (the official ``mask_to_bias``).
+
     The operands go head-major with the feature axis before the positions, ``(B, H, d, T)``, and
     the products are written ``scores = q^T k`` and ``out^T = v^T attn^T``: on XLA:CPU this sends
     ``q^T k`` to Eigen's batched GEMM instead of YNNPACK (1.5x faster for ``d = 64``) and lets
     YNNPACK fuse the softmax into the second product without a strided output (docs/performance.md).
+    The plain-XLA form of :func:`_dot_attention` (every backend; the gradient of the native one).
     """
     B, Tq, H, d = q.shape
     qt, kt, vt = (jnp.transpose(a, (0, 2, 3, 1)) for a in (q, k, v))
