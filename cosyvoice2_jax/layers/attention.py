@@ -22,9 +22,10 @@ queries attend to the cache prefix under the static-chunk mask computed on absol
 buckets of ``window.key_block`` slots (one ``lax.switch``), so the attention cost follows the real
 prefix, not the cache capacity, within one compiled program.
 
-Softmax and scores run in float32 whatever the compute dtype. Attention is plain einsums: on
-XLA:CPU this was ~2x faster than ``jax.nn.dot_product_attention`` (docs/architecture.md,
-performance notes). Both modules reach the cache through :func:`cached_attention` with their own
+Softmax and scores run in float32 whatever the compute dtype. The diffusers attention runs the
+fused native kernel of :mod:`.native` on CPU (float32, head size 64; its gradient and every other
+case use plain einsums, which on XLA:CPU were ~2x faster than ``jax.nn.dot_product_attention``);
+docs/performance.md, section Attention. Both modules reach the cache through :func:`cached_attention` with their own
 attention over the cached keys, so a cached call computes exactly what an uncached one does.
 """
 from __future__ import annotations

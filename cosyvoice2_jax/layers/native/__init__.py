@@ -87,8 +87,13 @@ def _load() -> bool:
     path = _build()
     if path is None:
         return False
-    lib = ctypes.cdll.LoadLibrary(str(path))
-    jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.CosyVoice2AttentionF32), platform="cpu")
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.CosyVoice2AttentionF32), platform="cpu")
+    except (OSError, AttributeError, ValueError) as e:  # a library this process cannot load
+        log.warning("loading the native attention kernel %s failed (%s); the flow attention runs on plain XLA",
+                    path, e)
+        return False
     return True
 
 
