@@ -57,6 +57,22 @@ inline v16 vexp(v16 x) {
   return underflow ? splat(0.0f) : y;
 }
 
+// The register block of both products: acc[r][:] += sum_t a[r * a_row + t] * b[t * b_row : + 64]
+// for r < kRows, t < n (kRows x 4 vector accumulators; one row of b is four vectors).
+__attribute__((always_inline)) inline void RankOneUpdates(v16 (&acc)[kRows][4], const float* a, int64_t a_row,
+                                                          const float* b, int64_t b_row, int64_t n) {
+#pragma GCC unroll 2
+  for (int64_t t = 0; t < n; ++t) {
+    const float* br = b + t * b_row;
+    const v16 b0 = load(br), b1 = load(br + 16), b2 = load(br + 32), b3 = load(br + 48);
+#pragma GCC unroll 8
+    for (int r = 0; r < kRows; ++r) {
+      const v16 s = splat(a[r * a_row + t]);
+      acc[r][0] += s * b0; acc[r][1] += s * b1; acc[r][2] += s * b2; acc[r][3] += s * b3;
+    }
+  }
+}
+
 struct Geometry {
   int64_t B, Tq, Tk, H;
   int64_t mask_b, mask_q;  // strides of the (B|1, Tq|1, Tk) mask; 0 on broadcast axes
@@ -118,17 +134,7 @@ void AttendHead(const Geometry& g, const float* q, const float* k, const float* 
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) a[r][u] = v16{};
         }
-        const float* qr = qt + i0 * kD;
-#pragma GCC unroll 2
-        for (int c = 0; c < kD; ++c) {
-          const float* kr = kT + c * Tkp + j0;
-          const v16 k0 = load(kr), k1 = load(kr + 16), k2 = load(kr + 32), k3 = load(kr + 48);
-#pragma GCC unroll 8
-          for (int r = 0; r < kRows; ++r) {
-            const v16 s = splat(qr[r * kD + c]);
-            a[r][0] += s * k0; a[r][1] += s * k1; a[r][2] += s * k2; a[r][3] += s * k3;
-          }
-        }
+        RankOneUpdates(a, qt + i0 * kD, kD, kT + j0, Tkp, kD);
 #pragma GCC unroll 8
         for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 4
@@ -164,17 +170,7 @@ void AttendHead(const Geometry& g, const float* q, const float* k, const float* 
 #pragma GCC unroll 4
           for (int u = 0; u < 4; ++u) o[r][u] = j0 == 0 ? v16{} : load(acc + (i0 + r) * kD + 16 * u);
         }
-        const float* pr = S + i0 * Tkp;
-#pragma GCC unroll 2
-        for (int64_t j = j0; j < je; ++j) {
-          const float* vr = vp + j * kD;
-          const v16 v0 = load(vr), v1 = load(vr + 16), v2 = load(vr + 32), v3 = load(vr + 48);
-#pragma GCC unroll 8
-          for (int r = 0; r < kRows; ++r) {
-            const v16 s = splat(pr[r * Tkp + j]);
-            o[r][0] += s * v0; o[r][1] += s * v1; o[r][2] += s * v2; o[r][3] += s * v3;
-          }
-        }
+        RankOneUpdates(o, S + i0 * Tkp + j0, Tkp, vp + j0 * kD, kD, je - j0);
 #pragma GCC unroll 8
         for (int r = 0; r < kRows; ++r) {
 #pragma GCC unroll 4
